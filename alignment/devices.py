@@ -1,0 +1,59 @@
+"""Device and dtype choice, in one place: every trainer, scorer and server asks here.
+
+CUDA when present, else CPU; bf16 where the hardware runs it natively (Ampere+ GPUs, CPUs with
+AMX or AVX512-BF16), fp16 on older GPUs, fp32 otherwise. A config may force any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+DTypeName = Literal["auto", "bf16", "fp16", "fp32"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
+
+    def trainer_precision(self) -> dict[str, bool]:
+        """The `bf16`/`fp16` flags for HF TrainingArguments."""
+        return {"bf16": self.dtype == torch.bfloat16, "fp16": self.dtype == torch.float16}
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls are then several times faster than fp32 on this CPU."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" amx_bf16", " avx512_bf16"))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def best_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def plan_device(dtype: DTypeName = "auto", device: str | None = None) -> DevicePlan:
+    dev = torch.device(device) if device else default_device()
+    if dtype == "auto":
+        return DevicePlan(dev, best_dtype(dev))
+    if dtype == "fp16" and dev.type == "cpu":
+        raise ValueError("dtype fp16 is not supported on CPU; use bf16 or fp32")
+    return DevicePlan(dev, _DTYPES[dtype])
