@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,7 +35,7 @@ class DevicePlan:
 def cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16: bf16 matmuls are then several times faster than fp32 on this CPU."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return any(flag in flags for flag in (" amx_bf16", " avx512_bf16"))
