@@ -80,9 +80,10 @@ class Generation:
 
 
 @dataclass
-class _Job:
+class Job:
     prompt_ids: list[int]
     adapter: str
+    version: str  # what the client is told answered: the adapter name, or the base model's name
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Delta | BaseException]
@@ -91,7 +92,7 @@ class _Job:
 
 @dataclass
 class _Row:
-    job: _Job
+    job: Job
     index: int
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of the decoded text already sent
@@ -135,7 +136,9 @@ class _RowTracker(StoppingCriteria):
             tail = text[row.emitted : cut]
         self._emit(row, tail, reason)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
         new_tokens = input_ids[:, -1].tolist()
         for i, (row, token) in enumerate(zip(self.rows, new_tokens, strict=True)):
             if row.done:
@@ -210,7 +213,7 @@ class GenerationEngine:
         self._retired: set[str] = set()  # adapters to unload once no request uses them
         self._names = threading.Lock()  # guards adapters/aliases/_in_use/_retired
         self._model_lock = threading.Lock()  # held while generating or changing adapters
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0
         self._worker = threading.Thread(target=self._run, name="prefloop-generate", daemon=True)
         self._worker.start()
@@ -245,7 +248,9 @@ class GenerationEngine:
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         else:
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+            self.model = PeftModel.from_pretrained(
+                self.model, str(path), adapter_name=name, is_trainable=False
+            )
         self.model.eval()
         # Keep adapter weights in the serving dtype: PEFT may upcast them, which costs a cast per step.
         self.model.to(self.plan.dtype)
@@ -293,24 +298,26 @@ class GenerationEngine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _submit(self, model: str, prompt_ids: list[int], params: SamplingParams) -> _Job:
+    def submit(self, model: str, prompt_ids: list[int], params: SamplingParams) -> Job:
+        """Admit a request: resolve its model to an adapter and pin that adapter until it finishes.
+        Resolving and pinning happen under one lock, so a concurrent swap can never unload it."""
         with self._names:
             adapter = self._resolve(model)
             self._in_use[adapter] += 1
-        job = _Job(prompt_ids, adapter, params, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(
+            prompt_ids, adapter, self.version_of(adapter), params, asyncio.get_running_loop(), asyncio.Queue()
+        )
         self._queue.put(job)
         return job
 
-    def _release(self, job: _Job) -> None:
+    def _release(self, job: Job) -> None:
         with self._names:
             self._in_use[job.adapter] -= 1
 
-    async def stream(
-        self, model: str, prompt_ids: list[int], params: SamplingParams, started: float | None = None
-    ) -> AsyncIterator[Delta | Generation]:
-        """Yield `Delta`s as tokens arrive, then one final `Generation`."""
+    async def stream(self, job: Job, started: float | None = None) -> AsyncIterator[Delta | Generation]:
+        """Yield `Delta`s of an admitted job as tokens arrive, then one final `Generation`."""
         started = started or time.perf_counter()
-        job = self._submit(model, prompt_ids, params)
+        params = job.params
         choices = [Choice(i) for i in range(params.n)]
         remaining = params.n
         try:
@@ -328,11 +335,11 @@ class GenerationEngine:
         finally:
             job.cancelled = remaining > 0  # the client went away: stop spending compute on it
             self._release(job)
-        yield Generation(self.version_of(job.adapter), len(prompt_ids), choices, time.perf_counter() - started)
+        yield Generation(job.version, len(job.prompt_ids), choices, time.perf_counter() - started)
 
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams) -> Generation:
         result = None
-        async for event in self.stream(model, prompt_ids, params):
+        async for event in self.stream(self.submit(model, prompt_ids, params)):
             if isinstance(event, Generation):
                 result = event
         assert result is not None
@@ -340,7 +347,7 @@ class GenerationEngine:
 
     # --- the batching thread --------------------------------------------------------------
 
-    def _collect(self) -> list[_Job] | None:
+    def _collect(self) -> list[Job] | None:
         first = self._queue.get()
         if first is None:
             return None
@@ -374,12 +381,14 @@ class GenerationEngine:
             self._unload_retired()
 
     @torch.inference_mode()
-    def _generate(self, batch: list[_Job]) -> None:
+    def _generate(self, batch: list[Job]) -> None:
         rows = [_Row(job, i) for job in batch for i in range(job.params.n)]
         width = max(len(r.job.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r.job.prompt_ids)) + r.job.prompt_ids for r in rows])
-        attention_mask = torch.tensor([[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows])
+        attention_mask = torch.tensor(
+            [[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows]
+        )
         device = self.plan.device
         tracker = _RowTracker(rows, self.tokenizer, self.eos_ids)
         sampling = _PerRowSampling(
