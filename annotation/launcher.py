@@ -1,0 +1,41 @@
+"""Entry points the Argilla server's virtualenv runs: `python launcher.py server|worker`.
+
+Run by file path with the server venv's python, never imported from prefloop: it puts its own
+directory on `sys.path` so that `sql_search_engine` registers itself with Argilla *before* the
+Argilla app (or its job queues) are imported, which is what `argilla_server start` cannot do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="launcher.py")
+    sub = parser.add_subparsers(dest="command", required=True)
+    server = sub.add_parser("server", help="uvicorn on argilla_server:app")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=6900)
+    sub.add_parser("worker", help="rq worker for Argilla's background jobs")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import sql_search_engine  # noqa: F401  (registers the "sql" engine)
+
+    if args.command == "server":
+        import uvicorn
+
+        uvicorn.run("argilla_server:app", host=args.host, port=args.port, access_log=False)
+    else:
+        from argilla_server.jobs.queues import DEFAULT_QUEUE, HIGH_QUEUE, REDIS_CONNECTION
+        from rq import SimpleWorker
+
+        # SimpleWorker runs jobs in-process (no fork per job): the jobs are short DB updates,
+        # and the engine registered above stays registered for them.
+        SimpleWorker([HIGH_QUEUE, DEFAULT_QUEUE], connection=REDIS_CONNECTION).work(with_scheduler=False)
+
+
+if __name__ == "__main__":
+    main()
