@@ -222,13 +222,21 @@ def run_training(
         resume = latest_checkpoint(config.output_dir) if config.resume else None
         result = trainer.train(resume_from_checkpoint=resume)
         metrics = dict(result.metrics)
-        if trainer.eval_dataset is not None:
-            metrics.update(trainer.evaluate())
+        metrics.update(final_evaluation(trainer))
         save_final(trainer, config.output_dir)
     metrics.update(extra_metrics or {})
     (config.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     write_model_card(config.output_dir, stage, config, data_fingerprint(data_paths), metrics)
     return metrics
+
+
+def final_evaluation(trainer: Trainer) -> dict[str, float]:
+    """Eval metrics after training (none without an eval set), for either backend."""
+    if trainer.eval_dataset is None:
+        return {}
+    # TRL's rich progress tears its bars down at train end and then fails on evaluation steps.
+    trainer.remove_callback(RichProgressCallback)
+    return trainer.evaluate()
 
 
 def save_final(trainer: Trainer, output_dir: Path) -> None:
