@@ -53,7 +53,7 @@ class PushSettings(StrictModel):
     temperature: float = Field(0.9, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(128, gt=0)
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
     min_distance: float = Field(
         0.1, ge=0, le=1, description="Drop pairs whose responses are this close (1 - token Jaccard similarity)."
     )

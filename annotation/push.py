@@ -184,3 +184,28 @@ def push_pairs(client: rg.Argilla, settings: DatasetSettings, pairs: Sequence[Ca
         dataset.records.log([to_record(p, rank) for rank, p in enumerate(ordered)])
     return len(ordered)
 
+
+
+def load_policy(settings: PushSettings) -> tuple[Any, Any]:
+    """The sampling policy: base model (+ PEFT adapter) and its tokenizer."""
+    from alignment.devices import plan_device
+    from alignment.models import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(settings.model, plan_device(settings.dtype))
+    # a trained adapter directory carries the tokenizer it was trained with (chat template included)
+    has_tokenizer = settings.adapter and (Path(settings.adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(settings.adapter if has_tokenizer else settings.model)
+    if settings.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, settings.adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def generated_pairs(
+    prompts: list[list[Message]], settings: PushSettings, scorer: Scorer | None = None
+) -> tuple[list[CandidatePair], int]:
+    """Sample k responses per prompt from the configured policy and pair them up."""
+    model, tokenizer = load_policy(settings)
+    return build_pairs(prompts, sample_responses(model, tokenizer, prompts, settings), settings, scorer)
