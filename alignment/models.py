@@ -93,7 +93,15 @@ def _smollm2_gguf(progress: Progress) -> Path:
 
 
 def _smollm2_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    """The GGUF's tokenizer, converted once and kept beside it (conversion reads the whole file)."""
+    cached = gguf.parent / "smollm2-tokenizer"
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
+        tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+        (Path(tmp) / "tokenizer").rename(cached)
+    return tokenizer
 
 
 def _build_smollm2(out: Path, progress: Progress) -> None:

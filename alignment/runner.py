@@ -131,7 +131,7 @@ def training_arguments(args_cls: type[A], config: RunConfig, has_eval: bool, **e
         # Early stopping needs the best checkpoint tracked on the eval loss.
         load_best_model_at_end=has_eval and t.early_stopping_patience is not None,
         metric_for_best_model="eval_loss" if has_eval else None,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         seed=t.seed,
         report_to=setup_tracking(config.tracking, config.output_dir),
         run_name=config.tracking.run_name or config.output_dir.name,

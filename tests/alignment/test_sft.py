@@ -1,0 +1,92 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.config import load_config
+from alignment.data_files import DataError
+from alignment.models import load_tokenizer, load_with_adapter
+from alignment.runner import use_rich_progress
+from alignment.sft import EXAMPLE_DATA, SFTRunConfig, build_datasets, build_sft_trainer, train_sft
+
+
+def small_copy(tmp_path: Path, n: int = 96) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(EXAMPLE_DATA.read_text().splitlines(keepends=True)[:n]))
+    return path
+
+
+def tiny_config(tiny_model: Path, tmp_path: Path, *overrides: str) -> SFTRunConfig:
+    return load_config(
+        SFTRunConfig,
+        None,
+        [
+            f"model={tiny_model}",
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train={small_copy(tmp_path)}",
+            "data.eval_fraction=0.2",
+            "data.max_length=64",
+            "training.max_steps=24",
+            "training.batch_size=8",
+            "training.learning_rate=5e-3",
+            "training.logging_steps=4",
+            "tracking.report_to=none",
+            *overrides,
+        ],
+    )
+
+
+def test_sft_lowers_eval_loss_and_reloads_with_same_logits(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_model, tmp_path)
+    trainer = use_rich_progress(build_sft_trainer(cfg))
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.5, (before, after)
+
+    trainer.save_model(str(cfg.output_dir))
+    tokenizer = load_tokenizer(tiny_model)
+    ids = tokenizer("Ahoy! The capital of Peru is Lima.", return_tensors="pt")["input_ids"]
+    trained = trainer.model.eval()
+    reloaded = load_with_adapter(None, cfg.output_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trained(ids).logits.float(), reloaded(ids).logits.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_train_sft_writes_the_run_outputs(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_model, tmp_path, "training.max_steps=4", "merge=true")
+    metrics = train_sft(cfg)
+    out = cfg.output_dir
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md",
+                 "prefloop-config.yaml", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert "eval_loss" in metrics and json.loads((out / "metrics.json").read_text())["train_runtime"] > 0
+    card = (out / "README.md").read_text()
+    assert "data sha256" in card and str(tiny_model) in card
+    assert (out / "merged" / "model.safetensors").is_file()
+    # the resolved config round-trips into an identical config
+    assert load_config(SFTRunConfig, out / "prefloop-config.yaml") == cfg
+
+
+def test_qlora_4bit_trains_and_saves(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_model, tmp_path, "lora.quantization=4bit", "training.max_steps=3")
+    trainer = build_sft_trainer(cfg)
+    assert getattr(trainer.model, "is_loaded_in_4bit", False) or any(
+        "4bit" in type(m).__name__ for m in trainer.model.modules()
+    )
+    result = trainer.train()
+    assert result.global_step == 3
+    trainer.save_model(str(cfg.output_dir))
+    assert (cfg.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_overlength_rows_are_counted_then_dropped_or_kept(tiny_model: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    kept = build_datasets(tiny_config(tiny_model, tmp_path, "data.max_length=40"), tokenizer)
+    dropped = build_datasets(tiny_config(tiny_model, tmp_path, "data.max_length=40", "data.overlength=drop"), tokenizer)
+    assert kept[2]["overlength_examples"] > 0
+    assert kept[2]["overlength_examples"] == dropped[2]["dropped_examples"]
+    assert len(dropped[0]) == len(kept[0]) - dropped[2]["dropped_examples"]
+    with pytest.raises(DataError, match="no training examples left"):
+        build_datasets(tiny_config(tiny_model, tmp_path, "data.max_length=10", "data.overlength=drop"), tokenizer)
