@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 from pydantic import Field
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
-from trl.trainer.callbacks import RichProgressCallback
 
 from alignment.config import (
     DistributedSettings,
@@ -29,6 +28,7 @@ from alignment.config import (
 )
 from alignment.devices import DevicePlan, DTypeName, plan_device
 from alignment.models import DEFAULT_MODEL
+from alignment.progress import RichProgress
 
 
 class TrainingSettings(StrictModel):
@@ -143,14 +143,14 @@ def training_arguments(args_cls: type[A], config: RunConfig, has_eval: bool, **e
 
 
 def callbacks(config: RunConfig, has_eval: bool) -> list[Any]:
-    found: list[Any] = [RichProgressCallback()]
+    found: list[Any] = [RichProgress()]
     if has_eval and (patience := config.training.early_stopping_patience):
         found.append(EarlyStoppingCallback(early_stopping_patience=patience))
     return found
 
 
 def use_rich_progress(trainer: Trainer) -> Trainer:
-    """With tqdm disabled HF adds a PrinterCallback that prints raw dicts; rich's table replaces it."""
+    """With tqdm disabled HF adds a PrinterCallback that prints raw dicts; RichProgress replaces it."""
     trainer.remove_callback(PrinterCallback)
     return trainer
 
@@ -234,8 +234,6 @@ def final_evaluation(trainer: Trainer) -> dict[str, float]:
     """Eval metrics after training (none without an eval set), for either backend."""
     if trainer.eval_dataset is None:
         return {}
-    # TRL's rich progress tears its bars down at train end and then fails on evaluation steps.
-    trainer.remove_callback(RichProgressCallback)
     return trainer.evaluate()
 
 

@@ -12,7 +12,9 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_yaml_and_overrides_merge_in_order(tmp_path: Path) -> None:
-    cfg_file = write(tmp_path / "sft.yaml", "model: tiny-random\ntraining:\n  epochs: 3\n  learning_rate: 1.0e-4\n")
+    cfg_file = write(
+        tmp_path / "sft.yaml", "model: tiny-random\ntraining:\n  epochs: 3\n  learning_rate: 1.0e-4\n"
+    )
     cfg = load_config(SFTRunConfig, cfg_file, ["training.epochs=2", "lora.target_modules=[q_proj,v_proj]"])
     assert cfg.model == "tiny-random"
     assert cfg.training.epochs == 2

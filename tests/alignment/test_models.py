@@ -30,7 +30,9 @@ def test_smollm2_answers_a_chat_prompt(smollm2: Path) -> None:
     tokenizer = load_tokenizer(smollm2)
     model = load_causal_lm(smollm2)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
 

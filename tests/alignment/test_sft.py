@@ -51,15 +51,23 @@ def test_sft_lowers_eval_loss_and_reloads_with_same_logits(tiny_model: Path, tmp
     trained = trainer.model.eval()
     reloaded = load_with_adapter(None, cfg.output_dir).eval()
     with torch.no_grad():
-        torch.testing.assert_close(trained(ids).logits.float(), reloaded(ids).logits.float(), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(
+            trained(ids).logits.float(), reloaded(ids).logits.float(), atol=1e-2, rtol=1e-2
+        )
 
 
 def test_train_sft_writes_the_run_outputs(tiny_model: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_model, tmp_path, "training.max_steps=4", "merge=true")
     metrics = train_sft(cfg)
     out = cfg.output_dir
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md",
-                 "prefloop-config.yaml", "metrics.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "README.md",
+        "prefloop-config.yaml",
+        "metrics.json",
+    ):
         assert (out / name).is_file(), name
     assert "eval_loss" in metrics and json.loads((out / "metrics.json").read_text())["train_runtime"] > 0
     card = (out / "README.md").read_text()
@@ -84,9 +92,13 @@ def test_qlora_4bit_trains_and_saves(tiny_model: Path, tmp_path: Path) -> None:
 def test_overlength_rows_are_counted_then_dropped_or_kept(tiny_model: Path, tmp_path: Path) -> None:
     tokenizer = load_tokenizer(tiny_model)
     kept = build_datasets(tiny_config(tiny_model, tmp_path, "data.max_length=40"), tokenizer)
-    dropped = build_datasets(tiny_config(tiny_model, tmp_path, "data.max_length=40", "data.overlength=drop"), tokenizer)
+    dropped = build_datasets(
+        tiny_config(tiny_model, tmp_path, "data.max_length=40", "data.overlength=drop"), tokenizer
+    )
     assert kept[2]["overlength_examples"] > 0
     assert kept[2]["overlength_examples"] == dropped[2]["dropped_examples"]
     assert len(dropped[0]) == len(kept[0]) - dropped[2]["dropped_examples"]
     with pytest.raises(DataError, match="no training examples left"):
-        build_datasets(tiny_config(tiny_model, tmp_path, "data.max_length=10", "data.overlength=drop"), tokenizer)
+        build_datasets(
+            tiny_config(tiny_model, tmp_path, "data.max_length=10", "data.overlength=drop"), tokenizer
+        )

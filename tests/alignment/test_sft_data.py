@@ -43,7 +43,10 @@ def test_datasets_directory(tmp_path: Path) -> None:
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
             r"bad\.jsonl:2: messages\[1\] is an empty assistant turn",
         ),
-        ({"messages": [{"role": "user", "content": "q"}]}, r"bad\.jsonl:2: the last message must be the assistant's"),
+        (
+            {"messages": [{"role": "user", "content": "q"}]},
+            r"bad\.jsonl:2: the last message must be the assistant's",
+        ),
         ({"messages": [{"role": "robot", "content": "q"}]}, r"bad\.jsonl:2: messages\[0\] needs a role"),
         ("[1, 2]", r"bad\.jsonl:2: expected a JSON object"),
     ],
