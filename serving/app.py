@@ -551,3 +551,18 @@ def _usage(result: Generation) -> Usage:
         completion_tokens=completion,
         total_tokens=result.prompt_tokens + completion,
     )
+
+
+def build_app(settings: ServeConfig) -> FastAPI:
+    """Engine + store + app from a config: what `prefloop serve` runs."""
+    from alignment.devices import plan_device
+
+    engine = GenerationEngine(
+        settings.model,
+        plan_device(settings.dtype),
+        max_batch_size=settings.batching.max_batch_size,
+        max_wait_ms=settings.batching.max_wait_ms,
+        served_name=settings.served_name,
+        threads=settings.threads,
+    )
+    return create_app(settings, engine, fs.FeedbackStore(settings.store_url))

@@ -60,6 +60,9 @@ class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     dtype: DTypeName = "auto"
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for generation (default: torch's choice)."
+    )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

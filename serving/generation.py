@@ -177,15 +177,20 @@ class _PerRowSampling(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         greedy = self.temperature == 0
+        if greedy.all():  # the common eval/test case: skip the vocabulary sort entirely
+            return torch.full_like(scores, float("-inf")).scatter(1, scores.argmax(-1, keepdim=True), 0.0)
         scores = scores / self.temperature.clamp_min(1e-5)[:, None]
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p (always keep the first).
-        drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= self.top_p[:, None]
-        drop_sorted[:, 0] = False
-        drop_sorted[greedy, 1:] = True
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        return scores.masked_fill(drop, float("-inf"))
+        nucleus = (self.top_p < 1) | greedy
+        if nucleus.any():
+            rows = scores[nucleus]
+            sorted_scores, order = rows.sort(dim=-1, descending=True)
+            probs = sorted_scores.softmax(dim=-1)
+            # Drop a token when the tokens ranked above it already cover top_p (always keep the first).
+            drop_sorted = (probs.cumsum(dim=-1) - probs) >= self.top_p[nucleus, None]
+            drop_sorted[greedy[nucleus], 1:] = True
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            scores[nucleus] = rows.masked_fill(drop, float("-inf"))
+        return scores
 
 
 class GenerationEngine:
@@ -198,7 +203,9 @@ class GenerationEngine:
         max_batch_size: int = 16,
         max_wait_ms: float = 5.0,
         served_name: str | None = None,
+        threads: int | None = None,
     ):
+        self.threads = threads
         self.plan = plan or plan_device()
         self.base_name = served_name or Path(model).name
         self.tokenizer = load_tokenizer(model)
@@ -345,6 +352,23 @@ class GenerationEngine:
         assert result is not None
         return result
 
+    @torch.inference_mode()
+    def completion_logprobs(
+        self, model: str, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """Per-token log-probabilities of each completion given its prompt, under `model` (for KL)."""
+        adapter = self.resolve(model)
+        rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.plan.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.plan.device)
+        extra = {"adapter_names": [adapter] * len(rows)} if hasattr(self.model, "peft_config") else {}
+        with self._model_lock:
+            logits = self.model(input_ids=input_ids, attention_mask=mask, **extra).logits.float()
+        logprobs = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        return [logprobs[i, width - 1 - len(c) :] for i, c in enumerate(completion_ids)]
+
     # --- the batching thread --------------------------------------------------------------
 
     def _collect(self) -> list[Job] | None:
@@ -369,6 +393,10 @@ class GenerationEngine:
         return batch
 
     def _run(self) -> None:
+        if self.threads:
+            # Per-thread under OpenMP: only the generation thread changes. On a shared CPU, fewer
+            # threads than cores avoids OpenMP spin-waiting against other processes.
+            torch.set_num_threads(self.threads)
         while (batch := self._collect()) is not None:
             try:
                 with self._model_lock:

