@@ -1,0 +1,115 @@
+"""Feedback -> preference pairs and KTO rows: the rules, dedup, conflicts and versioning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.preference_data import load_preference_rows
+from serving import feedback_store as fs
+from serving.ingest import ingest
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    store = fs.FeedbackStore(f"sqlite:///{tmp_path / 'store.db'}")
+    yield store
+    store.close()
+
+
+def add_completions(store, prompt: str, responses: list[str]) -> list[str]:
+    messages = [{"role": "user", "content": prompt}]
+    rid = f"r{abs(hash(prompt)) % 10**8}"
+    rows = [
+        fs.Completion(
+            id=f"{rid}-{i}",
+            response_id=rid,
+            choice_index=i,
+            prompt_hash=fs.prompt_hash(messages),
+            prompt=messages,
+            response=text,
+            model="m",
+            model_version="m",
+            params={},
+            finish_reason="stop",
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_ms=1.0,
+        )  # fmt: skip
+        for i, text in enumerate(responses)
+    ]
+    with store.session() as s:
+        fs.log_completions(s, rows)
+    return [r.id for r in rows]
+
+
+def feedback(store, kind: str, cid: str, value: int | None = None, rejected: str | None = None, **kw) -> None:
+    with store.session() as s:
+        fs.add_feedback(s, fs.FeedbackInput(kind, cid, rejected_id=rejected, value=value, **kw))
+
+
+def pairs_of(path: Path) -> set[tuple[str, str, str, str]]:
+    rows = load_preference_rows(path)
+    return {
+        (r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"], r["source"])
+        for r in rows
+    }
+
+
+def test_every_feedback_kind_becomes_the_expected_rows(store, tmp_path: Path) -> None:
+    a, b = add_completions(store, "pick", ["A", "B"])
+    feedback(store, "pairwise", b, rejected=a)
+    feedback(store, "pairwise", b, rejected=a)  # duplicate vote: one pair
+    r1, r2, r3 = add_completions(store, "rate", ["good", "okay", "bad"])
+    feedback(store, "rating", r1, 5)
+    feedback(store, "rating", r2, 4)  # 1 star from r1: below min gap 2
+    feedback(store, "rating", r3, 1)
+    (c,) = add_completions(store, "fix", ["wrong"])
+    feedback(store, "thumbs", c, -1, corrected_response="right")
+    up, down = add_completions(store, "thumbs", ["liked", "disliked"])
+    feedback(store, "thumbs", up, 1)
+    feedback(store, "thumbs", down, -1)
+    (lonely,) = add_completions(store, "alone", ["solo"])
+    feedback(store, "thumbs", lonely, 1)
+
+    data = ingest(store, tmp_path / "data", min_rating_gap=2)
+    assert pairs_of(data.preference_file) == {
+        ("pick", "B", "A", "pairwise"),
+        ("rate", "good", "bad", "rating"),
+        ("rate", "okay", "bad", "rating"),
+        ("fix", "right", "wrong", "correction"),
+        ("thumbs", "liked", "disliked", "thumbs"),
+    }
+    kto = [json.loads(line) for line in data.kto_file.read_text().splitlines()]
+    # "wrong" was corrected into a pair and is still an unpaired thumbs-down; "solo" an unpaired up.
+    assert {(r["completion"][0]["content"], r["label"]) for r in kto} == {("solo", True), ("wrong", False)}
+    assert (data.version, data.pairs, data.new_pairs) == ("v0001", 5, 5)
+
+
+def test_contradicting_picks_keep_the_majority_and_drop_ties(store, tmp_path: Path) -> None:
+    a, b = add_completions(store, "majority", ["A", "B"])
+    for chosen, rejected in [(a, b), (a, b), (b, a)]:
+        feedback(store, "pairwise", chosen, rejected=rejected)
+    c, d = add_completions(store, "tie", ["C", "D"])
+    feedback(store, "pairwise", c, rejected=d)
+    feedback(store, "pairwise", d, rejected=c)
+    data = ingest(store, tmp_path / "data")
+    assert pairs_of(data.preference_file) == {("majority", "A", "B", "pairwise")}
+
+
+def test_versions_are_new_only_when_the_data_changes(store, tmp_path: Path) -> None:
+    a, b = add_completions(store, "v", ["A", "B"])
+    feedback(store, "pairwise", a, rejected=b)
+    first = ingest(store, tmp_path / "data")
+    again = ingest(store, tmp_path / "data")
+    assert again.unchanged and again.version == first.version == "v0001"
+    c, d = add_completions(store, "w", ["C", "D"])
+    feedback(store, "rating", c, 5)
+    feedback(store, "rating", d, 2)
+    second = ingest(store, tmp_path / "data")
+    assert (second.version, second.pairs, second.new_pairs) == ("v0002", 2, 1)
+    manifest = json.loads((second.path / "manifest.json").read_text())
+    assert manifest["parent"] == "v0001" and manifest["sources"] == {"pairwise": 1, "rating": 1}
+    assert (tmp_path / "data" / "v0001" / "preference.jsonl").is_file()  # older versions stay for lineage
