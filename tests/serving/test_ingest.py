@@ -37,7 +37,7 @@ def add_completions(store, prompt: str, responses: list[str]) -> list[str]:
             prompt_tokens=1,
             completion_tokens=1,
             latency_ms=1.0,
-        )  # fmt: skip
+        )
         for i, text in enumerate(responses)
     ]
     with store.session() as s:
