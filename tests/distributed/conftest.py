@@ -1,0 +1,54 @@
+"""One local Ray cluster per test session, and a fault injector for the worker-failure tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import Trainer, TrainerCallback
+
+from alignment.sft import EXAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """2 CPUs like this machine: room for exactly two 1-CPU workers."""
+    import ray
+    from ray import cloudpickle
+
+    # Test-only callables (the fault injector) are shipped to workers by value: workers cannot import tests.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def sft_rows(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(EXAMPLE_DATA.read_text().splitlines(keepends=True)[:n]))
+    return path
+
+
+class CrashOnce(TrainerCallback):
+    """Kills the rank-1 worker process at `step`, once: the marker file survives the restart."""
+
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step, self.marker = step, marker
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and os.environ.get("RANK") == "1" and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)  # no cleanup, no exception: like an OOM kill or a lost node
+
+
+def crashing(build_trainer: Callable[[Any], Trainer], step: int, marker: Path) -> Callable[[Any], Trainer]:
+    def build(config: Any) -> Trainer:
+        trainer = build_trainer(config)
+        trainer.add_callback(CrashOnce(step, marker))
+        return trainer
+
+    return build
