@@ -1,0 +1,88 @@
+"""The reward model learns a learnable preference, stays at chance on shuffled labels, and saves a
+scorer that reproduces its held-out numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.config import load_config
+from reward.scorer import RewardScorer
+from reward.trainer import RewardRunConfig, build_reward_trainer, train_reward
+
+from .conftest import MARKER, tiny_reward_overrides
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tiny_model: Path, marker_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple:
+    out = tmp_path_factory.mktemp("reward-run")
+    config = load_config(
+        RewardRunConfig,
+        None,
+        tiny_reward_overrides(tiny_model, out, marker_data["train"], marker_data["eval"]),
+    )
+    return out, train_reward(config)
+
+
+def test_reward_model_learns_a_marker_preference(trained: tuple) -> None:
+    _, metrics = trained
+    assert metrics["heldout_pairs"] == 200
+    assert metrics["heldout_accuracy"] > 0.9
+    assert metrics["heldout_mean_margin"] > 0.5
+
+
+def test_run_dir_has_adapter_with_score_head_and_eval_report(trained: tuple) -> None:
+    out, metrics = trained
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert any("score" in key for key in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    report = json.loads((out / "reward_eval.json").read_text())
+    assert report["accuracy"] == pytest.approx(metrics["heldout_accuracy"])
+    assert {"length_buckets", "calibration_bins", "ece", "reward_length_correlation"} <= report.keys()
+    assert (out / "reward_eval.png").stat().st_size > 1000
+    assert json.loads((out / "metrics.json").read_text())["heldout_accuracy"] == metrics["heldout_accuracy"]
+
+
+def test_saved_scorer_prefers_the_marker(trained: tuple) -> None:
+    out, _ = trained
+    scorer = RewardScorer.from_pretrained(out, batch_size=3)
+    prompts = ["Say 2-0", [{"role": "user", "content": "Say 2-1"}]] * 3
+    good = [f"red big slow {MARKER}", f"old cold sad {MARKER}", f"fast new warm {MARKER}"]
+    bad = ["red big slow", "old cold sad", "fast new warm"]
+    rewards = scorer(prompts, good + bad)
+    assert all(g > b for g, b in zip(rewards[:3], rewards[3:], strict=True))
+
+
+def test_reward_model_stays_at_chance_on_shuffled_labels(
+    tiny_model: Path, marker_data: dict[str, Path], tmp_path: Path
+) -> None:
+    config = load_config(
+        RewardRunConfig,
+        None,
+        tiny_reward_overrides(
+            tiny_model, tmp_path, marker_data["train_shuffled"], marker_data["eval_shuffled"]
+        ),
+    )
+    metrics = train_reward(config)
+    # 200 held-out pairs: one standard deviation of chance accuracy is 0.035.
+    assert 0.35 <= metrics["heldout_accuracy"] <= 0.65
+
+
+def test_agreement_margin_reaches_the_loss_and_batches_are_length_grouped(
+    tiny_model: Path, marker_data: dict[str, Path], tmp_path: Path
+) -> None:
+    overrides = tiny_reward_overrides(tiny_model, tmp_path, marker_data["train"], marker_data["eval"])
+    config = load_config(RewardRunConfig, None, [*overrides, "reward.agreement_margin=2.0"])
+    config.data.train.write_text(
+        config.data.train.read_text().replace('"id"', '"annotator_agreement": 0.5, "id"')
+    )
+    trainer = build_reward_trainer(config)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["margin"].tolist() == [1.0] * 8
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    assert not trainer.args.gradient_checkpointing
