@@ -36,6 +36,7 @@ log = logging.getLogger("prefloop.serving")
 
 CURRENT_ALIAS = "prefloop-current"
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+_SWEEP = "sweep"  # queue message: unload retired adapters that no request uses any more
 
 
 class UnknownModelError(LookupError):
@@ -218,9 +219,11 @@ class GenerationEngine:
         self.aliases: dict[str, str] = {CURRENT_ALIAS: BASE_ADAPTER}
         self._in_use: Counter[str] = Counter()  # admitted requests per adapter
         self._retired: set[str] = set()  # adapters to unload once no request uses them
+        self._pinned: set[str] = set()  # loaded explicitly: never retired by a swap
         self._names = threading.Lock()  # guards adapters/aliases/_in_use/_retired
         self._model_lock = threading.Lock()  # held while generating or changing adapters
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | str | None] = queue.Queue()  # None = stop
+        self._carry: Job | None = None
         self.batches = 0
         self._worker = threading.Thread(target=self._run, name="prefloop-generate", daemon=True)
         self._worker.start()
@@ -262,27 +265,35 @@ class GenerationEngine:
         # Keep adapter weights in the serving dtype: PEFT may upcast them, which costs a cast per step.
         self.model.to(self.plan.dtype)
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
+    def load_adapter(self, name: str, path: str | Path, pin: bool = True) -> None:
+        """Load an adapter under `name`. Pinned adapters (from the config or the admin API) stay
+        loaded; unpinned ones (loaded by `swap`) are unloaded once no alias points at them."""
         if name in (BASE_ADAPTER, CURRENT_ALIAS, self.base_name, "base"):
             raise ValueError(f"adapter name {name!r} is reserved")
         with self._model_lock:
             with self._names:
                 loaded = name in self.adapters
                 self._retired.discard(name)
+                if pin:
+                    self._pinned.add(name)
             if not loaded:
                 self._load(name, Path(path))
                 with self._names:
                     self.adapters[name] = Path(path)
 
     def swap(self, alias: str, name: str | None, path: str | Path | None = None) -> str | None:
-        """Point `alias` at adapter `name` (None = the base), loading it first; returns the previous target."""
+        """Point `alias` at adapter `name` (None = the base), loading it first; returns the previous target.
+
+        Requests admitted before the swap finish on the old adapter; the old one is unloaded as
+        soon as the last of them is done, so no request ever fails because of a swap."""
         if name is not None:
-            assert path is not None or name in self.adapters, f"adapter {name} is not loaded and has no path"
-            self.load_adapter(name, path or self.adapters[name])
+            if path is None and name not in self.adapters:
+                raise ValueError(f"adapter {name!r} is not loaded and no path was given")
+            self.load_adapter(name, path or self.adapters[name], pin=False)
         with self._model_lock, self._names:
             previous = self.aliases.get(alias)
             self.aliases[alias] = name or BASE_ADAPTER
-            if previous and previous != BASE_ADAPTER and previous not in self.aliases.values():
+            if previous not in (None, BASE_ADAPTER, *self.aliases.values(), *self._pinned):
                 self._retired.add(previous)
         self._unload_retired()
         log.info("alias %s -> %s (was %s)", alias, name or "base", previous)
@@ -320,6 +331,9 @@ class GenerationEngine:
     def _release(self, job: Job) -> None:
         with self._names:
             self._in_use[job.adapter] -= 1
+            idle_retired = job.adapter in self._retired and self._in_use[job.adapter] == 0
+        if idle_retired:
+            self._queue.put(_SWEEP)  # the generation thread unloads it (it holds the model between batches)
 
     async def stream(self, job: Job, started: float | None = None) -> AsyncIterator[Delta | Generation]:
         """Yield `Delta`s of an admitted job as tokens arrive, then one final `Generation`."""
@@ -371,22 +385,36 @@ class GenerationEngine:
 
     # --- the batching thread --------------------------------------------------------------
 
+    def _next(self, timeout: float | None = None) -> Job | str | None:
+        if self._carry is not None:
+            job, self._carry = self._carry, None
+            return job
+        return self._queue.get(timeout=timeout)
+
     def _collect(self) -> list[Job] | None:
-        first = self._queue.get()
+        """Block for one job, then gather more for up to max_wait_ms, up to max_batch_size rows."""
+        first = self._next()
+        while first == _SWEEP:
+            self._unload_retired()
+            first = self._next()
         if first is None:
             return None
+        assert isinstance(first, Job)
         batch, rows = [first], first.params.n
         deadline = time.perf_counter() + self.max_wait_s
         while rows < self.max_batch_size:
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                job = self._next(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 break
+            if job == _SWEEP:
+                continue  # the sweep after this batch covers it
             if job is None:
                 self._queue.put(None)
                 break
+            assert isinstance(job, Job)
             if rows + job.params.n > self.max_batch_size:
-                self._queue.put(job)  # goes to the next batch (order within a few ms is irrelevant)
+                self._carry = job  # first in the next batch, so a large request is never starved
                 break
             batch.append(job)
             rows += job.params.n
