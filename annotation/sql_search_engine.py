@@ -91,7 +91,17 @@ SQLITE_FTS_DDL = [
     f"""INSERT INTO {FTS_TABLE}(rowid, body) SELECT r.rowid, {_FTS_TEXT.format(row="r")} FROM records r
         WHERE r.rowid NOT IN (SELECT rowid FROM {FTS_TABLE})""",
 ]
-_PG_TSVECTOR = "jsonb_to_tsvector('simple'::regconfig, CAST(records.fields AS JSONB), '[\"string\"]'::jsonb)"
+
+
+def _pg_document(value: str, members: str) -> str:
+    """tsvector of the strings in `value`: plain string members and chat messages' `content`
+    (not their `role`). Built from immutable functions, so it can back an expression index."""
+    strings = f"jsonb_path_query_array({value}, 'lax {members} ? (@.type() == \"string\")')"
+    contents = f"jsonb_path_query_array({value}, 'lax {members}[*].content')"
+    return f"jsonb_to_tsvector('simple'::regconfig, {strings} || {contents}, '[\"string\"]'::jsonb)"
+
+
+_PG_TSVECTOR = _pg_document("CAST(records.fields AS JSONB)", "$.*")
 POSTGRES_FTS_DDL = [f"CREATE INDEX IF NOT EXISTS ix_{FTS_TABLE} ON records USING gin (({_PG_TSVECTOR}))"]
 # Extra indexes the per-user queries lean on at 50k records.
 COMMON_DDL = [
@@ -152,6 +162,10 @@ def _json_any_in(column: Any, path: list[str], values: list[Any]) -> ColumnEleme
 
 def _sqlite_path(path: list[str]) -> str:
     return "$" + "".join(f'."{p}"' for p in path)
+
+
+def _pg_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _range(expr: ColumnElement, filter: RangeFilter) -> ColumnElement:
@@ -301,12 +315,8 @@ def _text_match(words: list[str], field: str | None) -> tuple[ColumnElement, Col
             clause = and_(clause, *(field_text.contains(w) for w in words))
         return clause, score
     document = literal_column(_PG_TSVECTOR)
-    if field:
-        document = func.jsonb_to_tsvector(
-            literal_column("'simple'::regconfig"),
-            cast(Record.fields, JSONB)[field],
-            literal_column("'[\"string\"]'::jsonb"),
-        )
+    if field:  # field names are validated by the server against the dataset's fields
+        document = literal_column(_pg_document(f"(CAST(records.fields AS JSONB) -> {_pg_quote(field)})", "$"))
     tsquery = func.plainto_tsquery(literal_column("'simple'::regconfig"), " ".join(words))
     return document.op("@@")(tsquery), func.ts_rank(document, tsquery)
 
