@@ -281,19 +281,26 @@ def near_duplicates(rows: list[dict[str, Any]], threshold: float) -> dict[int, s
     return found
 
 
+def prompt_messages(row: dict[str, Any], where: str) -> list[Message]:
+    """The prompt of any row prefloop reads: a preference pair, an SFT conversation (up to its last
+    assistant turn), or a row with a `prompt` string or message list."""
+    if "chosen" in row and "rejected" in row:
+        return to_canonical(row, where)["prompt"]
+    if "messages" in row:
+        messages = _validate_messages(row["messages"], where, "messages")
+        if any(m["role"] == "assistant" for m in messages[1:]):
+            return split_last_assistant(messages, where)[0]
+        return messages
+    if isinstance(row.get("prompt"), str | list):
+        prompt = row["prompt"]
+        return _validate_messages(
+            as_messages(prompt, "user") if isinstance(prompt, str) else prompt, where, "prompt"
+        )
+    raise DataError(f"{where}: row has no 'prompt', 'messages' or 'chosen'/'rejected' (keys: {sorted(row)})")
+
+
 def _prompts_of(path: Path) -> list[str]:
-    """Prompt texts of an eval set: preference rows, SFT conversations, or rows with a 'prompt' field."""
-    texts = []
-    for where, row in read_rows(path):
-        if "chosen" in row and "rejected" in row:
-            texts.append(messages_text(to_canonical(row, where)["prompt"]))
-        elif isinstance(row.get("messages"), list):
-            texts.append(messages_text([m for m in row["messages"] if m.get("role") == "user"][:1]))
-        elif isinstance(row.get("prompt"), str | list):
-            texts.append(messages_text(as_messages(row["prompt"], "user")))
-        else:
-            raise DataError(f"{where}: eval row has no 'prompt', 'messages' or 'chosen'/'rejected'")
-    return texts
+    return [messages_text(prompt_messages(row, where)) for where, row in read_rows(path)]
 
 
 def contaminated(rows: list[dict[str, Any]], eval_paths: list[Path], threshold: float) -> dict[int, str]:

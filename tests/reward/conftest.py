@@ -68,3 +68,20 @@ def tiny_reward_overrides(tiny_model: Path, output_dir: Path, train: Path, eval_
         "training.save_steps=100000",
         "training.logging_steps=8",
     ]
+
+
+@pytest.fixture(scope="package")
+def trained(
+    tiny_model: Path, marker_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple:
+    """(run dir, metrics) of a tiny reward model trained on the marker task; shared by reward tests."""
+    from alignment.config import load_config
+    from reward.trainer import RewardRunConfig, train_reward
+
+    out = tmp_path_factory.mktemp("reward-run")
+    config = load_config(
+        RewardRunConfig,
+        None,
+        tiny_reward_overrides(tiny_model, out, marker_data["train"], marker_data["eval"]),
+    )
+    return out, train_reward(config)

@@ -15,19 +15,6 @@ from reward.trainer import RewardRunConfig, build_reward_trainer, train_reward
 from .conftest import MARKER, tiny_reward_overrides
 
 
-@pytest.fixture(scope="module")
-def trained(
-    tiny_model: Path, marker_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> tuple:
-    out = tmp_path_factory.mktemp("reward-run")
-    config = load_config(
-        RewardRunConfig,
-        None,
-        tiny_reward_overrides(tiny_model, out, marker_data["train"], marker_data["eval"]),
-    )
-    return out, train_reward(config)
-
-
 def test_reward_model_learns_a_marker_preference(trained: tuple) -> None:
     _, metrics = trained
     assert metrics["heldout_pairs"] == 200

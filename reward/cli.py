@@ -1,0 +1,125 @@
+"""`prefloop train reward`, `prefloop reward score`, `prefloop eval`.
+
+Other training commands that need a reward model (PPO, GRPO) register here too: add the command
+function below and one line in `register`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from alignment.cli import (
+    ConfigOption,
+    RayOption,
+    ResumeOption,
+    SetOption,
+    WorkersOption,
+    cli_errors,
+    print_metrics,
+    run_overrides,
+)
+
+reward_app = typer.Typer(help="Reward models: score responses.", no_args_is_help=True)
+
+
+def train_reward_command(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    resume: ResumeOption = False,
+    ray: RayOption = False,
+    workers: WorkersOption = None,
+) -> None:
+    """Train a reward model (LoRA + scalar head, TRL RewardTrainer) on preference pairs."""
+    from alignment.config import load_config
+    from reward.trainer import RewardRunConfig, train_reward
+
+    with cli_errors():
+        cfg = load_config(RewardRunConfig, config, run_overrides(overrides, resume, ray, workers))
+        metrics = train_reward(cfg)
+    shown = {k: v for k, v in metrics.items() if k.startswith(("heldout_", "train_loss", "train_runtime"))}
+    print_metrics(f"reward -> {cfg.output_dir} (report: reward_eval.json / .png)", shown)
+
+
+@reward_app.command("score")
+def score_command(
+    reward_model: Annotated[Path, typer.Argument(help="Reward model directory (adapter or full model).")],
+    prompt: Annotated[str | None, typer.Option(help="One prompt (with --response).")] = None,
+    response: Annotated[str | None, typer.Option(help="The response to score.")] = None,
+    input_path: Annotated[
+        Path | None,
+        typer.Option("--input", help="JSONL/datasets rows with prompt+response, or preference pairs."),
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Write scored JSONL here (default: stdout).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+) -> None:
+    """Score responses with a reward model: one pair from the options, or a file of rows."""
+    from alignment.data_files import DataError, read_rows, write_jsonl
+    from alignment.preference_data import prompt_messages
+    from reward.scorer import RewardScorer
+
+    with cli_errors():
+        if (prompt is None) != (response is None) or (prompt is None) == (input_path is None):
+            raise typer.BadParameter("give either --prompt and --response, or --input")
+        scorer = RewardScorer.from_pretrained(reward_model, batch_size=batch_size)
+        if prompt is not None and response is not None:
+            print(f"{scorer([prompt], [response])[0]:.6g}")
+            return
+        assert input_path is not None
+        rows = list(read_rows(input_path))
+        prompts, responses, slots = [], [], []
+        for i, (where, row) in enumerate(rows):
+            keys = [k for k in ("response", "chosen", "rejected") if k in row]
+            if not keys:
+                raise DataError(f"{where}: row needs 'response' or 'chosen'/'rejected' to score")
+            messages = prompt_messages(row, where)
+            for key in keys:
+                value = row[key]
+                prompts.append(messages)
+                responses.append(value if isinstance(value, str) else value[-1]["content"])
+                slots.append((i, f"reward_{key}" if key != "response" else "reward"))
+        rewards = scorer(prompts, responses)
+        scored = [dict(row) for _, row in rows]
+        for (i, key), value in zip(slots, rewards, strict=True):
+            scored[i][key] = value
+        if output is not None:
+            write_jsonl(output, scored)
+        else:
+            sys.stdout.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
+
+
+def eval_command(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    candidate: Annotated[Path | None, typer.Option(help="Candidate adapter (candidate.adapter).")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="Baseline adapter (baseline.adapter).")] = None,
+    reward_model: Annotated[Path | None, typer.Option(help="Reward model directory (reward_model).")] = None,
+) -> None:
+    """Candidate vs baseline on held-out prompts: reward win rate, mean reward, KL, length (eval.json/.png)."""
+    from alignment.config import load_config
+    from reward.evaluate import EvalConfig, print_comparison, run_eval
+
+    sugar = [
+        f"{key}={value}"
+        for key, value in (
+            ("candidate.adapter", candidate),
+            ("baseline.adapter", baseline),
+            ("reward_model", reward_model),
+        )
+        if value is not None
+    ]
+    with cli_errors():
+        cfg = load_config(EvalConfig, config, [*sugar, *(overrides or [])])
+        result = run_eval(cfg)
+    print_comparison(result)
+    print(f"wrote {cfg.output_dir / 'eval.json'} and {cfg.output_dir / 'eval.png'}")
+
+
+def register(app: typer.Typer, train: typer.Typer) -> None:
+    train.command("reward")(train_reward_command)
+    app.add_typer(reward_app, name="reward")
+    app.command("eval")(eval_command)

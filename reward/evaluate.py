@@ -1,0 +1,366 @@
+"""Candidate vs baseline on held-out prompts, judged by a reward model (`prefloop eval`).
+
+For each model (base + optional LoRA adapter) we sample one response per prompt and report:
+- win rate of candidate over baseline by reward (ties counted apart and as half a win),
+- mean reward and mean response length (tokens), and the fraction of responses that ended (EOS),
+- KL to the reference policy, estimated on the model's own samples as the mean per-token log-ratio
+  KL(pi || pi_ref) ~= E_{y ~ pi} [ (1/|y|) sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) ],
+- for adapter models given a preference eval set, the DPO implicit-reward accuracy
+  r(x, y) = beta * log pi(y|x) / pi_ref(y|x),  accuracy = P[r(x, y_chosen) > r(x, y_rejected)].
+The reference is the base model with the adapter disabled, so it never needs a second copy in memory.
+
+`compare_models` is the Python entry point (the serving loop's promotion gate calls it);
+`run_eval(EvalConfig)` adds loading from files and writes eval.json + eval.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from alignment.config import StrictModel
+from alignment.data_files import read_rows
+from alignment.devices import DevicePlan, DTypeName, plan_device
+from alignment.models import DEFAULT_MODEL, adapter_base_model, load_tokenizer, load_with_adapter
+from alignment.preference_data import (
+    EXAMPLE_PREFERENCES,
+    in_eval_split,
+    load_preference_rows,
+    pair_id,
+    prompt_messages,
+    to_canonical,
+)
+
+Messages = list[dict[str, str]]
+Scorer = Callable[[list[Any], list[str]], list[float]]
+
+
+class ModelSpec(StrictModel):
+    model: str | None = Field(
+        None, description="Base model; default: the adapter's base (or prefloop's default)."
+    )
+    adapter: Path | None = Field(None, description="LoRA adapter directory.")
+
+    @property
+    def base(self) -> str:
+        if self.model:
+            return self.model
+        return adapter_base_model(self.adapter) if self.adapter else DEFAULT_MODEL
+
+    @property
+    def label(self) -> str:
+        return str(self.adapter) if self.adapter else self.base
+
+
+class SamplingSettings(StrictModel):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(StrictModel):
+    candidate: ModelSpec
+    baseline: ModelSpec = Field(default_factory=ModelSpec, description="Default: the candidate's base model.")
+    reward_model: Path = Field(..., description="Reward model directory (from `prefloop train reward`).")
+    prompts: Path = Field(
+        EXAMPLE_PREFERENCES, description="Preference, conversation or prompt JSONL/dataset."
+    )
+    eval_fraction: float | None = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Use only the hashed-id held-out split (as in training); null = all rows.",
+    )
+    max_prompts: int = Field(64, ge=1)
+    preference_eval: Path | None = Field(None, description="Pairs for the DPO implicit-reward accuracy.")
+    beta: float = Field(
+        0.1, gt=0, description="DPO beta (scales the implicit reward; accuracy does not depend on it)."
+    )
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    dtype: DTypeName = "auto"
+    output_dir: Path = Path("runs/eval")
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+
+def load_eval_prompts(path: Path, eval_fraction: float | None, limit: int) -> list[Messages]:
+    """Prompts of the held-out split, keyed by the same hashed id training split on."""
+    prompts = []
+    for where, row in read_rows(Path(path)):
+        if "chosen" in row and "rejected" in row:
+            canonical = to_canonical(row, where)
+            prompt, row_id = canonical["prompt"], canonical["id"]
+        else:
+            prompt = prompt_messages(row, where)
+            row_id = str(row["id"]) if row.get("id") is not None else pair_id(prompt, [], [])
+        if eval_fraction is None or in_eval_split(row_id, eval_fraction):
+            prompts.append(prompt)
+    return prompts[:limit]
+
+
+# --- generation and log-probs --------------------------------------------------------------------
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def sample_responses(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Messages], sampling: SamplingSettings
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids) per prompt; a response is cut after its first EOS, which it keeps."""
+    torch.manual_seed(sampling.seed)
+    eos = tokenizer.eos_token_id
+    prompt_ids = [
+        tokenizer(
+            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for p in prompts
+    ]
+    responses: list[list[int]] = []
+    for start in range(0, len(prompt_ids), sampling.batch_size):
+        batch = prompt_ids[start : start + sampling.batch_size]
+        width = max(map(len, batch))
+        # Left padding: every prompt ends where generation starts.
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(b)) + b for b in batch])
+        attention_mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+        out = model.generate(
+            input_ids=input_ids.to(_device(model)),
+            attention_mask=attention_mask.to(_device(model)),
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sampling.temperature > 0,
+            temperature=sampling.temperature if sampling.temperature > 0 else None,
+            top_p=sampling.top_p if sampling.temperature > 0 else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
+        for row in out[:, width:].tolist():
+            responses.append(row[: row.index(eos) + 1] if eos in row else row)
+    return prompt_ids, responses
+
+
+@torch.inference_mode()
+def sequence_logprobs(
+    model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int = 8
+) -> list[np.ndarray]:
+    """Per-token log pi(y_t | x, y_<t) of each response given its prompt."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts, responses = prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
+        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+        width = max(map(len, seqs))
+        input_ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=_device(model))
+        attention_mask = torch.tensor(
+            [[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=_device(model)
+        )
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        # Position t predicts token t+1.
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            out.append(logps[i, len(p) - 1 : len(p) - 1 + len(r)].cpu().numpy())
+    return out
+
+
+@contextlib.contextmanager
+def reference_of(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The reference policy: the same weights with the LoRA adapter switched off (no second copy)."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def mean_kl(policy_logps: list[np.ndarray], reference_logps: list[np.ndarray]) -> float:
+    per_sequence = [
+        float(np.mean(p - q)) for p, q in zip(policy_logps, reference_logps, strict=True) if len(p)
+    ]
+    return float(np.mean(per_sequence)) if per_sequence else 0.0
+
+
+def implicit_reward_accuracy(
+    model: torch.nn.Module, tokenizer: Any, pairs: list[dict[str, Any]], beta: float, batch_size: int
+) -> dict[str, float]:
+    """DPO's implicit reward r = beta * log(pi / pi_ref) ranks held-out chosen above rejected how often?"""
+
+    def encode(messages: Messages) -> list[int]:
+        return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+
+    prompt_ids, response_ids = [], []
+    for side in ("chosen", "rejected"):
+        for row in pairs:
+            prompt = encode_prompt(tokenizer, row["prompt"])
+            full = encode(row["prompt"] + row[side])
+            prompt_ids.append(prompt)
+            response_ids.append(full[len(prompt) :])
+    policy = sequence_logprobs(model, prompt_ids, response_ids, batch_size)
+    with reference_of(model) as ref:
+        reference = sequence_logprobs(ref, prompt_ids, response_ids, batch_size)
+    rewards = np.array([beta * float(np.sum(p - q)) for p, q in zip(policy, reference, strict=True)])
+    n = len(pairs)
+    margins = rewards[:n] - rewards[n:]
+    return {
+        "implicit_reward_accuracy": float(np.mean(margins > 0)),
+        "implicit_reward_margin": float(margins.mean()),
+    }
+
+
+def encode_prompt(tokenizer: Any, prompt: Messages) -> list[int]:
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- the comparison ------------------------------------------------------------------------------
+
+
+def evaluate_policy(
+    spec: ModelSpec,
+    prompts: list[Messages],
+    scorer: Scorer,
+    sampling: SamplingSettings,
+    plan: DevicePlan,
+    preference_pairs: list[dict[str, Any]] | None = None,
+    beta: float = 0.1,
+) -> dict[str, Any]:
+    """Sample, score, and measure one model; returns summary numbers plus per-prompt rewards."""
+    tokenizer = load_tokenizer(spec.base)
+    model = load_with_adapter(spec.base, spec.adapter, plan).eval()
+    prompt_ids, response_ids = sample_responses(model, tokenizer, prompts, sampling)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_ids]
+    rewards = scorer(prompts, texts)
+    if spec.adapter is not None:
+        policy = sequence_logprobs(model, prompt_ids, response_ids, sampling.batch_size)
+        with reference_of(model) as ref:
+            kl = mean_kl(policy, sequence_logprobs(ref, prompt_ids, response_ids, sampling.batch_size))
+    else:
+        kl = 0.0  # the base model is its own reference
+    result: dict[str, Any] = {
+        "model": spec.label,
+        "mean_reward": float(np.mean(rewards)),
+        "kl_to_reference": kl,
+        "mean_length": float(np.mean([len(r) for r in response_ids])),
+        "ended_with_eos": float(np.mean([bool(r) and r[-1] == tokenizer.eos_token_id for r in response_ids])),
+        "rewards": [float(r) for r in rewards],
+        "samples": [
+            {"prompt": p[-1]["content"], "response": t} for p, t in zip(prompts[:3], texts[:3], strict=False)
+        ],
+    }
+    if preference_pairs and spec.adapter is not None:
+        result.update(implicit_reward_accuracy(model, tokenizer, preference_pairs, beta, sampling.batch_size))
+    del model
+    return result
+
+
+def compare_models(
+    candidate: ModelSpec,
+    baseline: ModelSpec,
+    scorer: Scorer,
+    prompts: list[Messages],
+    sampling: SamplingSettings | None = None,
+    preference_pairs: list[dict[str, Any]] | None = None,
+    beta: float = 0.1,
+    plan: DevicePlan | None = None,
+    tie_tolerance: float = 1e-3,
+) -> dict[str, Any]:
+    """Win rate of candidate over baseline on the same prompts, plus each model's reward, KL and length."""
+    sampling = sampling or SamplingSettings()
+    plan = plan or plan_device()
+    cand = evaluate_policy(candidate, prompts, scorer, sampling, plan, preference_pairs, beta)
+    base = evaluate_policy(baseline, prompts, scorer, sampling, plan, preference_pairs, beta)
+    diff = np.array(cand["rewards"]) - np.array(base["rewards"])
+    wins, ties = int(np.sum(diff > tie_tolerance)), int(np.sum(np.abs(diff) <= tie_tolerance))
+    return {
+        "prompts": len(prompts),
+        "wins": wins,
+        "ties": ties,
+        "losses": len(prompts) - wins - ties,
+        "win_rate": (wins + 0.5 * ties) / len(prompts),
+        "candidate": cand,
+        "baseline": base,
+        "sampling": sampling.model_dump(),
+    }
+
+
+SUMMARY_KEYS = ("mean_reward", "kl_to_reference", "mean_length", "ended_with_eos", "implicit_reward_accuracy")
+
+
+def print_comparison(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"candidate vs baseline on {result['prompts']} prompts")
+    table.add_column("metric")
+    table.add_column("candidate", justify="right")
+    table.add_column("baseline", justify="right")
+    table.add_row("model", result["candidate"]["model"], result["baseline"]["model"])
+    for key in SUMMARY_KEYS:
+        cells = [result[side].get(key) for side in ("candidate", "baseline")]
+        if any(c is not None for c in cells):
+            table.add_row(key, *("-" if c is None else f"{c:.4g}" for c in cells))
+    table.add_row(
+        "win rate (ties = 1/2)",
+        f"{result['win_rate']:.3f}",
+        f"W {result['wins']} / T {result['ties']} / L {result['losses']}",
+    )
+    Console().print(table)
+
+
+def plot_comparison(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    cand, base = np.array(result["candidate"]["rewards"]), np.array(result["baseline"]["rewards"])
+    bins = np.linspace(min(cand.min(), base.min()), max(cand.max(), base.max()) + 1e-6, 20)
+    left.hist(base, bins=bins, alpha=0.6, label="baseline")
+    left.hist(cand, bins=bins, alpha=0.6, label="candidate")
+    left.set(xlabel="reward", ylabel="responses", title="Reward of sampled responses")
+    left.legend()
+    right.bar(
+        ["wins", "ties", "losses"],
+        [result["wins"], result["ties"], result["losses"]],
+        color=["tab:green", "tab:grey", "tab:red"],
+    )
+    right.set_title(f"Candidate win rate {result['win_rate']:.2f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """File-driven `compare_models`: writes eval.json and eval.png to output_dir; returns the result."""
+    from reward.scorer import RewardScorer
+
+    plan = plan_device(config.dtype)
+    baseline = (
+        config.baseline
+        if (config.baseline.model or config.baseline.adapter)
+        else ModelSpec(model=config.candidate.base)
+    )
+    prompts = load_eval_prompts(config.prompts, config.eval_fraction, config.max_prompts)
+    pairs = load_preference_rows(config.preference_eval) if config.preference_eval else None
+    scorer = RewardScorer.from_pretrained(config.reward_model, plan)
+    result = compare_models(
+        config.candidate, baseline, scorer, prompts, config.sampling, pairs, config.beta, plan
+    )
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    (config.output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    plot_comparison(result, config.output_dir / "eval.png")
+    return result
