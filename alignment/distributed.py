@@ -22,7 +22,14 @@ from typing import Any, TypeVar
 import ray
 import ray.train
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointConsistencyMode,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import Trainer
@@ -129,12 +136,15 @@ class ReportCheckpointCallback(RayTrainReportCallback):
         for log in state.log_history:
             metrics.update(log)
         source = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ray.train.get_context().get_world_rank() != 0 or not source.is_dir():
+        if ray.train.get_context().get_world_rank() == 0 and source.is_dir():
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copytree(source, Path(tmp) / HF_CHECKPOINT)
+                ray.train.report(metrics=metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
             ray.train.report(metrics=metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copytree(source, Path(tmp) / HF_CHECKPOINT)
-            ray.train.report(metrics=metrics, checkpoint=Checkpoint.from_directory(tmp))
+        # A report only counts once the controller has collected it from every rank; a worker dying
+        # before that would silently lose this checkpoint, so no rank trains on until it is committed.
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
 
 def _step_of(checkpoint_dir: str) -> int:
