@@ -18,8 +18,10 @@ from rich.table import Table
 from alignment.cli import ConfigOption, SetOption, cli_errors, console
 from annotation.config import AnnotationConfig
 
-annotate_app = typer.Typer(help="Annotation workspace (Argilla): server, annotators, push pairs, pull preferences.",
-                           no_args_is_help=True)
+annotate_app = typer.Typer(
+    help="Annotation workspace (Argilla): server, annotators, push pairs, pull preferences.",
+    no_args_is_help=True,
+)
 users_app = typer.Typer(help="Annotator accounts.", no_args_is_help=True)
 annotate_app.add_typer(users_app, name="users")
 out = Console()
@@ -75,7 +77,9 @@ def status_command(config: ConfigOption = None, overrides: SetOption = None) -> 
 
     with _errors():
         state = workspace.status(_config(config, overrides).server)
-    processes = ", ".join(f"{n}={'up' if ok else 'DOWN'}" for n, ok in state["processes"].items()) or "none started"
+    processes = (
+        ", ".join(f"{n}={'up' if ok else 'DOWN'}" for n, ok in state["processes"].items()) or "none started"
+    )
     out.print(f"{state['url']}  ready={state['ready']}  processes: {processes}  home: {state['home']}")
     if not state["ready"]:
         raise typer.Exit(1)
@@ -99,14 +103,20 @@ def users_add_command(
         cfg = _config(config, overrides)
         client = resolve_connection(cfg.server).client()
         creds = add_user(client, username, cfg.dataset.workspace, role, password)  # type: ignore[arg-type]
-    out.print(f"username: {creds.username}\npassword: {creds.password}\napi key:  {creds.api_key}\nrole:     {creds.role}")
+    out.print(
+        f"username: {creds.username}\npassword: {creds.password}\napi key:  {creds.api_key}\nrole:     {creds.role}"
+    )
     out.print("[dim]Shown once: hand these to the annotator now.[/]")
 
 
 @annotate_app.command("push")
 def push_command(
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="JSONL of prompts to sample pairs for.")] = None,
-    pairs: Annotated[Path | None, typer.Option("--pairs", help="Existing pairs (preference JSONL, e.g. feedback).")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="JSONL of prompts to sample pairs for.")
+    ] = None,
+    pairs: Annotated[
+        Path | None, typer.Option("--pairs", help="Existing pairs (preference JSONL, e.g. feedback).")
+    ] = None,
     model: Annotated[str | None, typer.Option("--model", help="push.model")] = None,
     adapter: Annotated[str | None, typer.Option("--adapter", help="push.adapter")] = None,
     reward_model: Annotated[str | None, typer.Option("--reward-model", help="push.reward_model")] = None,
@@ -137,8 +147,10 @@ def push_command(
             if scorer is not None:
                 candidates = push.score_pairs(candidates, scorer)
         count = push.push_pairs(client, cfg.dataset, candidates)
-    out.print(f"pushed {count} records to {cfg.dataset.workspace}/{cfg.dataset.name} "
-              f"({dropped} near-identical pairs dropped)")
+    out.print(
+        f"pushed {count} records to {cfg.dataset.workspace}/{cfg.dataset.name} "
+        f"({dropped} near-identical pairs dropped)"
+    )
 
 
 @annotate_app.command("pull")
@@ -157,7 +169,9 @@ def pull_command(
     with _errors():
         cfg = _config(config, overrides)
         result = pull(resolve_connection(cfg.server).client(), cfg.dataset, cfg.pull)
-    out.print(f"wrote {result.rows} pairs to {result.directory / 'preferences.jsonl'}; skipped {result.skipped}")
+    out.print(
+        f"wrote {result.rows} pairs to {result.directory / 'preferences.jsonl'}; skipped {result.skipped}"
+    )
     alpha = result.agreement.alpha
     out.print(f"Krippendorff's alpha: {alpha:.3f}" if alpha is not None else "Krippendorff's alpha: n/a")
     if result.position_bias is not None:
@@ -184,8 +198,10 @@ def progress_command(config: ConfigOption = None, overrides: SetOption = None) -
         progress = get_dataset(resolve_connection(cfg.server).client(), cfg.dataset).progress(
             with_users_distribution=True
         )
-    out.print(f"{cfg.dataset.workspace}/{cfg.dataset.name}: {progress['completed']}/{progress['total']} completed, "
-              f"{progress['pending']} pending")
+    out.print(
+        f"{cfg.dataset.workspace}/{cfg.dataset.name}: {progress['completed']}/{progress['total']} completed, "
+        f"{progress['pending']} pending"
+    )
     table = Table("annotator", "submitted", "draft", "discarded")
     for user, dist in sorted(progress.get("users", {}).items()):
         totals = {k: dist["completed"][k] + dist["pending"][k] for k in ("submitted", "draft", "discarded")}

@@ -15,7 +15,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="launcher.py")
     sub = parser.add_subparsers(dest="command", required=True)
-    server = sub.add_parser("server", help="uvicorn on argilla_server:app")
+    server = sub.add_parser("server", help="migrate + owner (from PREFLOOP_OWNER_* env), then uvicorn")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=6900)
     sub.add_parser("worker", help="rq worker for Argilla's background jobs")
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "server":
         import uvicorn
 
+        prepare()
         uvicorn.run("argilla_server:app", host=args.host, port=args.port, access_log=False)
     else:
         from argilla_server.jobs.queues import DEFAULT_QUEUE, HIGH_QUEUE, REDIS_CONNECTION
@@ -35,6 +36,30 @@ def main(argv: list[str] | None = None) -> None:
         # SimpleWorker runs jobs in-process (no fork per job): the jobs are short DB updates,
         # and the engine registered above stays registered for them.
         SimpleWorker([HIGH_QUEUE, DEFAULT_QUEUE], connection=REDIS_CONNECTION).work(with_scheduler=False)
+
+
+def prepare() -> None:
+    """Migrate, then create the owner unless it exists. Done inside the server process, so the slow
+    argilla_server import happens once; the credentials come from the environment, never from a
+    command line that `ps` shows."""
+    import asyncio
+    import os
+
+    from argilla_server.cli.database.migrate import migrate_db
+    from argilla_server.cli.database.users.create import _create
+    from argilla_server.models import UserRole
+
+    migrate_db("head")
+    username = os.environ["PREFLOOP_OWNER_USERNAME"]
+    asyncio.run(
+        _create(
+            first_name=username,
+            username=username,
+            role=UserRole.owner,
+            password=os.environ["PREFLOOP_OWNER_PASSWORD"],
+            api_key=os.environ["PREFLOOP_OWNER_API_KEY"],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -65,14 +65,16 @@ def unmap_vote(label: str, swapped: bool) -> str:
 
 def build_settings(settings: DatasetSettings) -> rg.Settings:
     questions: list = [
-        rg.LabelQuestion(
-            name=PREFERENCE, title="Which response is better?", labels=LABELS, required=True
-        )
+        rg.LabelQuestion(name=PREFERENCE, title="Which response is better?", labels=LABELS, required=True)
     ]
     if settings.ratings:
         questions += [
-            rg.RatingQuestion(name=f"rating_{s}", title=f"Rate response {s.upper()} (1-5)", values=[1, 2, 3, 4, 5],
-                              required=False)
+            rg.RatingQuestion(
+                name=f"rating_{s}",
+                title=f"Rate response {s.upper()} (1-5)",
+                values=[1, 2, 3, 4, 5],
+                required=False,
+            )
             for s in ("a", "b")
         ]
     if settings.rationale:
@@ -113,7 +115,9 @@ def to_record(pair: CandidatePair, uncertainty_rank: int) -> rg.Record:
         # Bradley-Terry: P(A preferred) = sigmoid(r_A - r_B); the suggestion carries that confidence
         p_a = 1.0 / (1.0 + math.exp(-(reward_a - reward_b)))
         label, confidence = ("a", p_a) if p_a >= 0.5 else ("b", 1.0 - p_a)
-        suggestions.append(rg.Suggestion(question_name=PREFERENCE, value=label, score=confidence, agent=REWARD_AGENT))
+        suggestions.append(
+            rg.Suggestion(question_name=PREFERENCE, value=label, score=confidence, agent=REWARD_AGENT)
+        )
     return rg.Record(
         id=rid,
         fields={"conversation": pair.prompt, "response_a": a, "response_b": b},

@@ -49,7 +49,9 @@ def fetch_annotated(client: rg.Argilla, dataset: rg.Dataset) -> list[AnnotatedRe
     for record in dataset.records(query=query, with_responses=True, with_suggestions=False):
         responses = record.responses[PREFERENCE] or []
         votes = {
-            usernames.get(str(r.user_id), str(r.user_id)): r.value for r in responses if getattr(r.status, "value", r.status) == "submitted"
+            usernames.get(str(r.user_id), str(r.user_id)): r.value
+            for r in responses
+            if getattr(r.status, "value", r.status) == "submitted"
         }
         if not votes:
             continue
@@ -79,8 +81,13 @@ def aggregate(records: list[AnnotatedRecord], settings: PullSettings, source: st
         labels = list(record.votes.values())
         winner = majority(labels) if len(labels) >= settings.min_votes else None
         result.audit.append(
-            {"id": record.id, "votes": record.votes, "winner": winner, "swapped": record.swapped,
-             "winner_position": unmap_vote(winner, record.swapped) if winner else None}
+            {
+                "id": record.id,
+                "votes": record.votes,
+                "winner": winner,
+                "swapped": record.swapped,
+                "winner_position": unmap_vote(winner, record.swapped) if winner else None,
+            }
         )
         if len(labels) < settings.min_votes:
             result.skipped["too_few_votes"] += 1
@@ -92,7 +99,9 @@ def aggregate(records: list[AnnotatedRecord], settings: PullSettings, source: st
             result.skipped[winner] += 1
             continue
         chosen, rejected = (
-            (record.response_a, record.response_b) if winner == "a" else (record.response_b, record.response_a)
+            (record.response_a, record.response_b)
+            if winner == "a"
+            else (record.response_b, record.response_a)
         )
         result.rows.append(
             {

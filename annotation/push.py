@@ -129,7 +129,9 @@ def build_pairs(
                 dropped += 1
                 continue
             candidates.append(
-                CandidatePair(messages, texts[i], texts[j], source, first_reward=scores[i], second_reward=scores[j])
+                CandidatePair(
+                    messages, texts[i], texts[j], source, first_reward=scores[i], second_reward=scores[j]
+                )
             )
         # the most uncertain pairs of this prompt when there are more than we keep
         candidates.sort(key=_uncertainty_key)
@@ -142,7 +144,9 @@ def score_pairs(pairs: Sequence[CandidatePair], scorer: Scorer) -> list[Candidat
     prompts = [p.prompt for p in pairs for _ in (0, 1)]
     rewards = list(scorer(prompts, [r for p in pairs for r in (p.first, p.second)]))
     return [
-        CandidatePair(p.prompt, p.first, p.second, p.source, float(rewards[2 * i]), float(rewards[2 * i + 1]), p.extra)
+        CandidatePair(
+            p.prompt, p.first, p.second, p.source, float(rewards[2 * i]), float(rewards[2 * i + 1]), p.extra
+        )
         for i, p in enumerate(pairs)
     ]
 
@@ -183,7 +187,6 @@ def push_pairs(client: rg.Argilla, settings: DatasetSettings, pairs: Sequence[Ca
     if ordered:
         dataset.records.log([to_record(p, rank) for rank, p in enumerate(ordered)])
     return len(ordered)
-
 
 
 def load_policy(settings: PushSettings) -> tuple[Any, Any]:

@@ -71,7 +71,10 @@ def ensure_server_venv(console: Console | None = None) -> Path:
         with console.status(f"creating the Argilla server venv in {target} (once, ~1 min)"):
             _run([sys.executable, "-m", "venv", "--without-pip", str(target)], "venv")
             pip = [sys.executable, "-m", "pip", "--python", str(target / "bin" / "python")]
-            _run([*pip, "install", "--quiet", "--disable-pip-version-check", *SERVER_REQUIREMENTS], "pip install")
+            _run(
+                [*pip, "install", "--quiet", "--disable-pip-version-check", *SERVER_REQUIREMENTS],
+                "pip install",
+            )
         (target / COMPLETE_MARKER).write_text("\n".join(SERVER_REQUIREMENTS) + "\n")
     return server_python()
 

@@ -69,7 +69,6 @@ from sqlalchemy import (
     text,
     true,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 ENGINE_NAME = "sql"
@@ -77,7 +76,9 @@ FTS_TABLE = "prefloop_records_fts"
 
 # SQLite: one FTS5 row per record (rowid = records.rowid) holding every string in its fields except
 # chat roles. Triggers keep it in the same transaction as the server's own writes.
-_FTS_TEXT = "(SELECT group_concat(value, ' ') FROM json_tree({row}.fields) WHERE type = 'text' AND key IS NOT 'role')"
+_FTS_TEXT = (
+    "(SELECT group_concat(value, ' ') FROM json_tree({row}.fields) WHERE type = 'text' AND key IS NOT 'role')"
+)
 SQLITE_FTS_DDL = [
     f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(body, tokenize = 'unicode61 remove_diacritics 2')",
     f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_ai AFTER INSERT ON records BEGIN
@@ -153,7 +154,9 @@ def _json_any_in(column: Any, path: list[str], values: list[Any]) -> ColumnEleme
     if _dialect() == "sqlite":
         # json_each over a scalar yields the scalar itself, over a list its items
         items = func.json_each(column, _sqlite_path(path)).table_valued("value")
-        return exists(select(literal_column("1")).select_from(items).where(cast(items.c.value, Text).in_(values)))
+        return exists(
+            select(literal_column("1")).select_from(items).where(cast(items.c.value, Text).in_(values))
+        )
     node = column.op("#>")(cast(path, ARRAY(Text)))
     items = func.json_array_elements_text(node).table_valued("value")
     in_list = exists(select(literal_column("1")).select_from(items).where(items.c.value.in_(values)))
@@ -238,12 +241,21 @@ def _suggestion_clause(filter: Filter, scope: SuggestionFilterScope, dataset_id:
             match = _range(_json_number(column, []), filter)
     else:  # agent, type: plain columns
         column = getattr(Suggestion, scope.property)
-        match = column.in_([str(v) for v in filter.values]) if isinstance(filter, TermsFilter) else _range(column, filter)
+        match = (
+            column.in_([str(v) for v in filter.values])
+            if isinstance(filter, TermsFilter)
+            else _range(column, filter)
+        )
     return exists(
         select(literal_column("1"))
         .select_from(Suggestion)
         .join(Question, Question.id == Suggestion.question_id)
-        .where(Suggestion.record_id == Record.id, Question.name == scope.question, Question.dataset_id == dataset_id, match)
+        .where(
+            Suggestion.record_id == Record.id,
+            Question.name == scope.question,
+            Question.dataset_id == dataset_id,
+            match,
+        )
     )
 
 
@@ -272,7 +284,11 @@ async def _order_expression(db: Any, order: Order, dataset_id: UUID) -> ColumnEl
         return (
             select(column)
             .join(Question, Question.id == Suggestion.question_id)
-            .where(Suggestion.record_id == Record.id, Question.name == scope.question, Question.dataset_id == dataset_id)
+            .where(
+                Suggestion.record_id == Record.id,
+                Question.name == scope.question,
+                Question.dataset_id == dataset_id,
+            )
             .limit(1)
             .scalar_subquery()
         )
@@ -302,7 +318,9 @@ def _text_match(words: list[str], field: str | None) -> tuple[ColumnElement, Col
     if _dialect() == "sqlite":
         fts_query = " ".join(f'"{w}"' for w in words)  # quoted terms: no FTS5 syntax injection
         hits = (
-            select(literal_column("rowid").label("rid"), (-func.bm25(literal_column(FTS_TABLE))).label("score"))
+            select(
+                literal_column("rowid").label("rid"), (-func.bm25(literal_column(FTS_TABLE))).label("score")
+            )
             .select_from(text(FTS_TABLE))
             .where(literal_column(FTS_TABLE).op("MATCH")(fts_query))
             .subquery()
@@ -341,7 +359,11 @@ class SQLSearchEngine(SearchEngine):
             return (await db.scalar(select(literal_column("1")))) == 1
 
     async def info(self) -> dict:
-        return {"engine": ENGINE_NAME, "database": _dialect(), "text_search": "fts5" if _dialect() == "sqlite" else "tsvector"}
+        return {
+            "engine": ENGINE_NAME,
+            "database": _dialect(),
+            "text_search": "fts5" if _dialect() == "sqlite" else "tsvector",
+        }
 
     # Records, responses, suggestions and vectors already live in SQL: nothing to mirror.
     async def create_index(self, dataset: Dataset) -> None:
@@ -350,7 +372,9 @@ class SQLSearchEngine(SearchEngine):
     async def delete_index(self, dataset: Dataset) -> None:
         pass
 
-    async def configure_metadata_property(self, dataset: Dataset, metadata_property: MetadataProperty) -> None:
+    async def configure_metadata_property(
+        self, dataset: Dataset, metadata_property: MetadataProperty
+    ) -> None:
         pass
 
     async def index_records(self, dataset: Dataset, records: Iterable[Record]) -> None:
@@ -379,7 +403,9 @@ class SQLSearchEngine(SearchEngine):
             if await db.scalar(select(Dataset.status).where(Dataset.id == dataset.id)) == "draft":
                 return {}
             rows = await db.execute(
-                select(Record.status, func.count()).where(Record.dataset_id == dataset.id).group_by(Record.status)
+                select(Record.status, func.count())
+                .where(Record.dataset_id == dataset.id)
+                .group_by(Record.status)
             )
             counts = {str(status.value if hasattr(status, "value") else status): n for status, n in rows}
         return {"total": sum(counts.values()), **counts}
@@ -423,7 +449,10 @@ class SQLSearchEngine(SearchEngine):
             for order in sort or []:
                 expr = await _order_expression(db, order, dataset.id)
                 # missing values last in both directions, like Elasticsearch
-                order_by += [case((expr.is_(None), 1), else_=0), expr.desc() if order.order == SortOrder.desc else expr.asc()]
+                order_by += [
+                    case((expr.is_(None), 1), else_=0),
+                    expr.desc() if order.order == SortOrder.desc else expr.asc(),
+                ]
             if score is not None and not sort:
                 order_by.append(score.desc())
             # insertion order otherwise: `push` logs records uncertainty-first for active learning,
@@ -434,7 +463,9 @@ class SQLSearchEngine(SearchEngine):
             page = select(*columns).where(*where).order_by(*order_by).offset(offset).limit(limit)
             rows = (await db.execute(page)).all()
             total = await db.scalar(select(func.count()).select_from(Record).where(*where))
-        items = [SearchResponseItem(record_id=rid, score=float(s) if s is not None else 1.0) for rid, s in rows]
+        items = [
+            SearchResponseItem(record_id=rid, score=float(s) if s is not None else 1.0) for rid, s in rows
+        ]
         return SearchResponses(items=items, total=total or 0)
 
     async def similarity_search(
@@ -451,7 +482,10 @@ class SQLSearchEngine(SearchEngine):
     ) -> SearchResponses:
         if bool(value) == bool(record):
             raise ValueError("Must provide either vector value or record to compute the similarity search")
-        where: list[ColumnElement] = [Record.dataset_id == dataset.id, Vector.vector_settings_id == vector_settings.id]
+        where: list[ColumnElement] = [
+            Record.dataset_id == dataset.id,
+            Vector.vector_settings_id == vector_settings.id,
+        ]
         if filter is not None:
             where.append(_filter_clause(filter, dataset.id))
         if query is not None:
@@ -461,12 +495,20 @@ class SQLSearchEngine(SearchEngine):
         async with AsyncSessionLocal() as db:
             if record is not None:
                 value = await db.scalar(
-                    select(Vector.value).where(Vector.record_id == record.id, Vector.vector_settings_id == vector_settings.id)
+                    select(Vector.value).where(
+                        Vector.record_id == record.id, Vector.vector_settings_id == vector_settings.id
+                    )
                 )
                 if not value:
                     raise ValueError("Cannot find a vector value to apply with provided info")
                 where.append(Record.id != record.id)
-            rows = (await db.execute(select(Vector.record_id, Vector.value).join(Record, Record.id == Vector.record_id).where(*where))).all()
+            rows = (
+                await db.execute(
+                    select(Vector.record_id, Vector.value)
+                    .join(Record, Record.id == Vector.record_id)
+                    .where(*where)
+                )
+            ).all()
         if not rows:
             return SearchResponses(items=[], total=0)
         matrix = np.asarray([v for _, v in rows], dtype=np.float32)
@@ -498,15 +540,17 @@ class SQLSearchEngine(SearchEngine):
                     )
                 ).all()
                 return TermsMetrics(
-                    total=sum(n for _, n in rows), values=[TermsMetrics.TermCount(term=str(t), count=n) for t, n in rows]
+                    total=sum(n for _, n in rows),
+                    values=[TermsMetrics.TermCount(term=str(t), count=n) for t, n in rows],
                 )
             value = _json_number(Record.metadata_, [name])
             low, high = (
-                await db.execute(select(func.min(value), func.max(value)).where(Record.dataset_id == dataset_id))
+                await db.execute(
+                    select(func.min(value), func.max(value)).where(Record.dataset_id == dataset_id)
+                )
             ).one()
         if kind == "integer":
             return IntegerMetadataMetrics(
                 min=int(low) if low is not None else None, max=int(high) if high is not None else None
             )
         return FloatMetadataMetrics(min=low, max=high)
-

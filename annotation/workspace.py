@@ -9,6 +9,7 @@ line still matches what was recorded). Every client command resolves its connect
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -128,7 +129,9 @@ def _is_ours(info: dict) -> bool:
 
 def server_env(settings: ServerSettings, creds: dict[str, str], redis_url: str) -> dict[str, str]:
     home = server_home(settings)
-    database_url = settings.database_url or f"sqlite+aiosqlite:///{home / 'argilla.db'}?check_same_thread=False"
+    database_url = (
+        settings.database_url or f"sqlite+aiosqlite:///{home / 'argilla.db'}?check_same_thread=False"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(
         ARGILLA_HOME_PATH=str(home),
@@ -150,16 +153,11 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], home: Path) -> dict:
     log = (home / "logs" / f"{name}.log").open("ab")
     # own session: `down` can signal the whole process group, and a Ctrl-C in the caller's
     # terminal does not take the server down with it
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=home
+    )
     (home / "run" / f"{name}.pid").write_text(f"{proc.pid}\n")
     return {"pid": proc.pid, "started": _start_time(proc.pid), "cmd": cmd}
-
-
-def _run_cli(python: Path, args: list[str], env: dict[str, str], what: str) -> str:
-    result = subprocess.run([str(python), "-m", "argilla_server", *args], env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise WorkspaceError(f"{what} failed: {(result.stderr or result.stdout).strip()[-1500:]}")
-    return result.stdout
 
 
 def status(settings: ServerSettings) -> dict:
@@ -199,27 +197,35 @@ def up(settings: ServerSettings, console: Console | None = None) -> Connection:
     if redis_url is None:
         port = _free_port()
         redis_url = f"redis://127.0.0.1:{port}/0"
-        cmd = [str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(home / "redis"),
-               "--save", "", "--appendonly", "no"]
+        cmd = [
+            str(redis_server_binary()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(home / "redis"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
         processes["redis"] = _spawn("redis", cmd, env, home)
         env["ARGILLA_REDIS_URL"] = redis_url
 
-    with console.status("migrating the Argilla database"):
-        _run_cli(python, ["database", "migrate"], env, "database migrate")
-        # the CLI skips an existing user, so this is safe on every start
-        _run_cli(
-            python,
-            ["database", "users", "create", "--first-name", creds["username"], "--username", creds["username"],
-             "--password", creds["password"], "--role", "owner", "--api-key", creds["api_key"]],
-            env,
-            "owner creation",
-        )
-
     url = local_url(settings)
-    for name, args in (("server", ["server", "--host", settings.host, "--port", str(settings.port)]), ("worker", ["worker"])):
-        cmd = [str(python), str(LAUNCHER), *args]
-        processes[name] = _spawn(name, cmd, env, home)
-    _state_file(home).write_text(json.dumps({"url": url, "redis_url": redis_url, "processes": processes}, indent=2))
+    # the server migrates the database and creates the owner before it serves
+    owner_env = {
+        "PREFLOOP_OWNER_USERNAME": creds["username"],
+        "PREFLOOP_OWNER_PASSWORD": creds["password"],
+        "PREFLOOP_OWNER_API_KEY": creds["api_key"],
+    }
+    server_cmd = [str(python), str(LAUNCHER), "server", "--host", settings.host, "--port", str(settings.port)]
+    processes["server"] = _spawn("server", server_cmd, {**env, **owner_env}, home)
+    processes["worker"] = _spawn("worker", [str(python), str(LAUNCHER), "worker"], env, home)
+    _state_file(home).write_text(
+        json.dumps({"url": url, "redis_url": redis_url, "processes": processes}, indent=2)
+    )
 
     connection = Connection(url=url, api_key=creds["api_key"])
     with console.status(f"waiting for Argilla at {url}"):
@@ -284,7 +290,5 @@ def down_processes(home: Path, timeout_s: float = 15.0) -> list[str]:
 
 def _reap(pid: int) -> None:
     """Collect the exit status when the process is our own child (tests start it in-process)."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

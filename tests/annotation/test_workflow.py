@@ -1,0 +1,179 @@
+"""Push -> annotate -> pull against the real Argilla server (SQLite): idempotence, per-annotator
+queues, overlap completion, aggregation and agreement on hand-made votes, and A/B un-mapping."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from annotation.agreement import cohen_kappa
+from annotation.config import PullSettings
+from annotation.preference_dataset import CandidatePair, is_swapped, record_id
+from annotation.pull import pull
+from annotation.push import get_dataset, push_pairs
+from annotation.users import add_user
+
+pytestmark = pytest.mark.argilla
+
+PENDING_FOR_ME = {
+    "filters": {
+        "and": [
+            {"type": "terms", "scope": {"entity": "response", "property": "status"}, "values": ["pending"]},
+            {"type": "terms", "scope": {"entity": "record", "property": "status"}, "values": ["pending"]},
+        ]
+    }
+}
+
+
+def pairs(n: int, margins: list[float] | None = None) -> list[CandidatePair]:
+    margins = margins or [None] * n  # type: ignore[list-item]
+    return [
+        CandidatePair(
+            prompt=[{"role": "user", "content": f"Question number {i}?"}],
+            first=f"first answer to {i}",
+            second=f"a different second reply for {i}",
+            first_reward=None if m is None else m,
+            second_reward=None if m is None else 0.0,
+        )
+        for i, m in enumerate(margins)
+    ]
+
+
+class Annotator:
+    def __init__(self, url: str, dataset_id: str, api_key: str) -> None:
+        self.url, self.dataset_id, self.headers = url, dataset_id, {"X-Argilla-Api-Key": api_key}
+
+    def pending(self) -> list[dict]:
+        """What the annotation page lists: my pending records among the dataset's pending ones."""
+        response = httpx.post(
+            f"{self.url}/api/v1/me/datasets/{self.dataset_id}/records/search",
+            json=PENDING_FOR_ME,
+            params={"limit": 100},
+            headers=self.headers,
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        return [item["record"] for item in response.json()["items"]]
+
+    def vote(self, external_id: str, label: str) -> None:
+        record = next(r for r in self.pending() if r["external_id"] == external_id)
+        response = httpx.post(
+            f"{self.url}/api/v1/records/{record['id']}/responses",
+            json={"values": {"preference": {"value": label}}, "status": "submitted"},
+            headers=self.headers,
+            timeout=30,
+        )
+        assert response.status_code == 201, response.text
+
+
+@pytest.fixture(scope="module")
+def team(argilla_sqlite) -> dict:
+    _, conn = argilla_sqlite
+    client = conn.client()
+    creds = {name: add_user(client, f"{name}-wf", "tests") for name in ("ann1", "ann2", "ann3")}
+    return {"conn": conn, "client": client, "creds": creds}
+
+
+def annotators(team: dict, dataset_settings) -> dict[str, Annotator]:
+    dataset = get_dataset(team["client"], dataset_settings)
+    return {n: Annotator(team["conn"].url, str(dataset.id), c.api_key) for n, c in team["creds"].items()}
+
+
+def test_push_is_idempotent_and_order_independent(team, dataset_settings) -> None:
+    batch = pairs(4)
+    assert push_pairs(team["client"], dataset_settings, batch) == 4
+    push_pairs(team["client"], dataset_settings, batch)
+    flipped = [CandidatePair(p.prompt, p.second, p.first) for p in batch]  # same pair, other order
+    push_pairs(team["client"], dataset_settings, flipped)
+    dataset = get_dataset(team["client"], dataset_settings)
+    external_ids = [r.id for r in dataset.records]
+    assert sorted(external_ids) == sorted(record_id(p) for p in batch)
+
+
+def test_records_are_served_uncertainty_first(team, dataset_settings) -> None:
+    batch = pairs(4, margins=[3.0, 0.1, 2.0, 0.5])
+    push_pairs(team["client"], dataset_settings, batch)
+    queue = [r["external_id"] for r in annotators(team, dataset_settings)["ann1"].pending()]
+    assert queue == [record_id(batch[i]) for i in (1, 3, 2, 0)]
+
+
+def test_annotators_see_only_their_pending_records(team, dataset_settings) -> None:
+    batch = pairs(3)
+    push_pairs(team["client"], dataset_settings, batch)
+    ann = annotators(team, dataset_settings)
+    ann["ann1"].vote(record_id(batch[0]), "a")
+    mine = {r["external_id"] for r in ann["ann1"].pending()}
+    theirs = {r["external_id"] for r in ann["ann2"].pending()}
+    assert record_id(batch[0]) not in mine and len(mine) == 2
+    assert record_id(batch[0]) in theirs and len(theirs) == 3
+
+
+def test_overlap_completes_a_record_after_min_submitted(team, dataset_settings) -> None:
+    batch = pairs(2)
+    push_pairs(team["client"], dataset_settings, batch)
+    ann = annotators(team, dataset_settings)
+    target = record_id(batch[0])
+    ann["ann1"].vote(target, "a")
+    assert target in {r["external_id"] for r in ann["ann3"].pending()}  # 1 of 2 votes: still open
+    ann["ann2"].vote(target, "b")
+    assert target not in {r["external_id"] for r in ann["ann3"].pending()}  # completed: off everyone's queue
+    progress = get_dataset(team["client"], dataset_settings).progress()
+    assert (progress["total"], progress["completed"], progress["pending"]) == (2, 1, 1)
+
+
+def test_pull_aggregates_votes_unmaps_positions_and_reports_agreement(
+    team, dataset_settings, tmp_path
+) -> None:
+    dataset_settings.min_submitted = 3
+    batch = pairs(6)
+    push_pairs(team["client"], dataset_settings, batch)
+    ann = annotators(team, dataset_settings)
+    ids = [record_id(p) for p in batch]
+    # record -> votes of ann1, ann2, ann3 (None = no vote)
+    plan = {
+        ids[0]: ("a", "a", "b"),  # majority a, agreement 2/3
+        ids[1]: ("b", "b", "b"),  # unanimous b
+        ids[2]: ("tie", "tie", "a"),  # majority tie -> excluded
+        ids[3]: ("a", "b", "both_bad"),  # no majority -> excluded
+        ids[4]: ("a", None, None),  # one vote < min_votes -> excluded
+        ids[5]: ("both_bad", "both_bad", "both_bad"),  # excluded
+    }
+    for rid, votes in plan.items():
+        for name, label in zip(("ann1", "ann2", "ann3"), votes, strict=True):
+            if label:
+                ann[name].vote(rid, label)
+
+    result = pull(team["client"], dataset_settings, PullSettings(min_votes=2, output_dir=str(tmp_path)))
+    rows = [json.loads(line) for line in (result.directory / "preferences.jsonl").read_text().splitlines()]
+    assert result.directory.name == "v1" and result.rows == 2
+    assert result.skipped == {"tie": 1, "no_majority": 1, "too_few_votes": 1, "both_bad": 1}
+
+    by_id = {r["id"]: r for r in rows}
+    for rid, pair, winner in ((ids[0], batch[0], "a"), (ids[1], batch[1], "b")):
+        # un-map the screen position through the stored order: A shows `second` when swapped
+        shown_a, shown_b = (pair.second, pair.first) if is_swapped(rid) else (pair.first, pair.second)
+        chosen, rejected = (shown_a, shown_b) if winner == "a" else (shown_b, shown_a)
+        assert by_id[rid]["chosen"] == [{"role": "assistant", "content": chosen}]
+        assert by_id[rid]["rejected"] == [{"role": "assistant", "content": rejected}]
+        assert by_id[rid]["prompt"] == pair.prompt
+    assert by_id[ids[0]]["annotator_agreement"] == pytest.approx(2 / 3, abs=1e-3)
+    assert by_id[ids[1]]["annotator_agreement"] == 1.0
+    assert all(r["source"] == f"argilla:tests/{dataset_settings.name}" for r in rows)
+
+    audit = {a["id"]: a for a in map(json.loads, (result.directory / "votes.jsonl").read_text().splitlines())}
+    # a vote for B picked the pair's `second` response, unless the record showed them swapped
+    assert audit[ids[1]]["winner_position"] == ("first" if is_swapped(ids[1]) else "second")
+
+    # agreement numbers equal the textbook formula on the same votes
+    u1, u2 = "ann1-wf", "ann2-wf"
+    shared = [v for v in plan.values() if v[0] and v[1]]
+    assert result.agreement.pairwise_kappa[(u1, u2)] == pytest.approx(
+        cohen_kappa([v[0] for v in shared], [v[1] for v in shared])
+    )
+    manifest = json.loads((result.directory / "manifest.json").read_text())
+    assert manifest["pairs"] == 2 and manifest["agreement"]["krippendorff_alpha"] == result.agreement.alpha
+
+    again = pull(team["client"], dataset_settings, PullSettings(min_votes=2, output_dir=str(tmp_path)))
+    assert again.directory.name == "v2"  # versioned: a pull never overwrites an earlier dataset
