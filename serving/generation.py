@@ -304,7 +304,13 @@ class GenerationEngine:
             with self._names:
                 idle = [a for a in self._retired if self._in_use[a] == 0]
             for name in idle:
-                self.model.delete_adapter(name)
+                if list(self.model.peft_config) == [name]:
+                    self.model = self.model.unload()  # the last adapter: back to the plain base model
+                else:
+                    self.model.delete_adapter(name)
+                    # PEFT keeps a stale active adapter name after deleting it; generation would then fail.
+                    if self.model.active_adapter not in self.model.peft_config:
+                        self.model.set_adapter(next(iter(self.model.peft_config)))
                 with self._names:
                     self._retired.discard(name)
                     self.adapters.pop(name, None)

@@ -12,6 +12,7 @@ plug its own and tests can use a programmatic scorer; the defaults call prefloop
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -241,7 +242,8 @@ def default_trainer(job: TrainJob) -> Path:
         from alignment.kto import KTORunConfig as RunConfig  # type: ignore[no-redef]
         from alignment.kto import train_kto as train  # type: ignore[no-redef]
     data_file = job.data.preference_file if job.algorithm == "dpo" else job.data.kto_file
-    overrides = [f"{k}={v}" for k, v in job.overrides.items()]
+    # JSON is valid YAML, so None/lists/numbers survive the `key=value` override parser.
+    overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in job.overrides.items()]
     overrides += [f"model={job.base_model}", f"output_dir={job.output_dir}", f"data.train={data_file}"]
     if job.init_adapter is not None:
         overrides.append(f"init_adapter={job.init_adapter}")
@@ -265,7 +267,9 @@ def default_evaluator(job: EvalJob) -> dict[str, Any]:
     )
 
 
-def scorer_evaluator(scorer: Callable[[list[str], list[str]], list[float]]) -> Evaluator:
+def scorer_evaluator(
+    scorer: Callable[[list[str], list[str]], list[float]], threads: int | None = None
+) -> Evaluator:
     """An evaluator from a programmatic scorer `(prompts, responses) -> rewards`, for deployments
     (and tests) without a reward model. Both models answer the regression prompts greedily;
     win rate counts ties as half a win; KL is per token, on the candidate's own answers."""
@@ -275,7 +279,7 @@ def scorer_evaluator(scorer: Callable[[list[str], list[str]], list[float]]) -> E
 
         from serving.generation import GenerationEngine, SamplingParams
 
-        engine = GenerationEngine(job.base_model, max_batch_size=2 * len(job.prompts))
+        engine = GenerationEngine(job.base_model, max_batch_size=2 * len(job.prompts), threads=threads)
         try:
             engine.load_adapter("candidate", job.candidate_adapter)
             current = "base"
