@@ -177,3 +177,15 @@ def test_pull_aggregates_votes_unmaps_positions_and_reports_agreement(
 
     again = pull(team["client"], dataset_settings, PullSettings(min_votes=2, output_dir=str(tmp_path)))
     assert again.directory.name == "v2"  # versioned: a pull never overwrites an earlier dataset
+
+
+def test_dataset_is_created_from_the_declared_settings(team, dataset_settings) -> None:
+    dataset_settings.min_submitted = 3
+    dataset_settings.ratings = False
+    dataset_settings.guidelines = "Be fair."
+    push_pairs(team["client"], dataset_settings, pairs(1))
+    dataset = get_dataset(team["client"], dataset_settings)
+    assert [q.name for q in dataset.settings.questions] == ["preference", "rationale"]
+    assert [f.name for f in dataset.settings.fields] == ["conversation", "response_a", "response_b"]
+    assert dataset.settings.distribution.min_submitted == 3
+    assert dataset.settings.guidelines == "Be fair."
