@@ -1,0 +1,83 @@
+"""`prefloop annotate up|status|users add|down` through the CLI, and its error messages."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from annotation.cli import annotate_app
+from annotation.config import ServerSettings
+from annotation.workspace import _is_ours, _read_state, server_home
+
+runner = CliRunner()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.argilla
+def test_up_status_users_down_manage_exactly_their_processes(tmp_path) -> None:
+    home = tmp_path / "argilla"
+    opts = ["--set", f"server.home={home}", "--set", f"server.port={_free_port()}"]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        up = runner.invoke(annotate_app, ["up", *opts])
+        assert up.exit_code == 0, up.output
+        assert "First run: owner prefloop" in up.output  # credentials shown on the first start only
+        processes = _read_state(home)["processes"]
+        assert set(processes) == {"redis", "server", "worker"}
+
+        status = runner.invoke(annotate_app, ["status", *opts])
+        assert status.exit_code == 0 and "ready=True" in status.output
+        again = runner.invoke(annotate_app, ["up", *opts])
+        assert again.exit_code == 0 and "already running" in again.output
+
+        added = runner.invoke(
+            annotate_app, ["users", "add", "carol", "--set", "dataset.workspace=team-a", *opts]
+        )
+        assert added.exit_code == 0, added.output
+        assert "username: carol" in added.output and "api key:" in added.output
+
+        down = runner.invoke(annotate_app, ["down", *opts])
+        assert down.exit_code == 0 and "worker, server, redis" in down.output
+        assert not any(_is_ours(info) for info in processes.values())
+        assert bystander.poll() is None  # a process `up` did not start is left alone
+        assert runner.invoke(annotate_app, ["status", *opts]).exit_code == 1
+    finally:
+        bystander.kill()
+        bystander.wait()
+        from annotation.workspace import down as stop
+
+        stop(ServerSettings(home=str(home)))
+
+
+def test_remote_server_without_api_key_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("ARGILLA_API_KEY", raising=False)
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    result = runner.invoke(
+        annotate_app,
+        ["progress", "--set", "server.url=http://127.0.0.1:9", "--set", f"server.home={tmp_path}"],
+    )
+    assert result.exit_code == 1
+    assert "no API key for http://127.0.0.1:9" in result.output
+
+
+def test_bad_config_names_the_key(tmp_path) -> None:
+    config = tmp_path / "annotation.yaml"
+    config.write_text("server:\n  port: many\npull:\n  min_vote: 3\n")
+    result = runner.invoke(annotate_app, ["pull", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "server.port" in result.output and "pull.min_vote: unknown key" in result.output
+    assert str(config) in result.output
+
+
+def test_server_home_defaults_under_prefloop_home(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PREFLOOP_HOME", str(tmp_path))
+    assert server_home(ServerSettings()) == tmp_path / "argilla"
