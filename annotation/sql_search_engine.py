@@ -70,6 +70,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import Subquery
 
 ENGINE_NAME = "sql"
 FTS_TABLE = "prefloop_records_fts"
@@ -313,8 +314,10 @@ def _words(query: TextQuery | str) -> tuple[list[str], str | None]:
     return re.findall(r"\w+", query.q.lower()), query.field
 
 
-def _text_match(words: list[str], field: str | None) -> tuple[ColumnElement, ColumnElement]:
-    """(where clause, relevance score) for an AND of `words`, optionally within one field."""
+def _text_match(words: list[str], field: str | None) -> tuple[ColumnElement, ColumnElement, Subquery | None]:
+    """(where clause, relevance score, FTS hits to join for that score) for an AND of `words`,
+    optionally within one field. SQLite's bm25 only exists inside the FTS query, so its score
+    comes from joining the hits once (a correlated lookup would re-run MATCH per row)."""
     if _dialect() == "sqlite":
         fts_query = " ".join(f'"{w}"' for w in words)  # quoted terms: no FTS5 syntax injection
         hits = (
@@ -327,16 +330,15 @@ def _text_match(words: list[str], field: str | None) -> tuple[ColumnElement, Col
         )
         rowid = literal_column("records.rowid")
         clause = rowid.in_(select(hits.c.rid))
-        score = select(hits.c.score).where(hits.c.rid == rowid).scalar_subquery()
         if field:  # FTS narrows to candidates; the field check is a cheap substring test on those
             field_text = func.lower(cast(func.json_extract(Record.fields, _sqlite_path([field])), Text))
             clause = and_(clause, *(field_text.contains(w) for w in words))
-        return clause, score
+        return clause, hits.c.score, hits
     document = literal_column(_PG_TSVECTOR)
     if field:  # field names are validated by the server against the dataset's fields
         document = literal_column(_pg_document(f"(CAST(records.fields AS JSONB) -> {_pg_quote(field)})", "$"))
     tsquery = func.plainto_tsquery(literal_column("'simple'::regconfig"), " ".join(words))
-    return document.op("@@")(tsquery), func.ts_rank(document, tsquery)
+    return document.op("@@")(tsquery), func.ts_rank(document, tsquery), None
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -435,11 +437,12 @@ class SQLSearchEngine(SearchEngine):
     ) -> SearchResponses:
         where: list[ColumnElement] = [Record.dataset_id == dataset.id]
         score: ColumnElement | None = None
+        hits: Subquery | None = None
         if query is not None:
             words, field = _words(query)
             if not words:
                 return SearchResponses(items=[], total=0)
-            match, score = _text_match(words, field)
+            match, score, hits = _text_match(words, field)
             where.append(match)
         if filter is not None:
             where.append(_filter_clause(filter, dataset.id))
@@ -460,7 +463,10 @@ class SQLSearchEngine(SearchEngine):
             order_by += [Record.inserted_at.asc(), Record.id.asc()]
 
             columns = [Record.id, score if score is not None else literal_column("NULL")]
-            page = select(*columns).where(*where).order_by(*order_by).offset(offset).limit(limit)
+            page = select(*columns).select_from(Record)
+            if hits is not None:
+                page = page.join(hits, hits.c.rid == literal_column("records.rowid"))
+            page = page.where(*where).order_by(*order_by).offset(offset).limit(limit)
             rows = (await db.execute(page)).all()
             total = await db.scalar(select(func.count()).select_from(Record).where(*where))
         items = [
