@@ -175,7 +175,7 @@ def main() -> None:
             table.add_column(f"{size:,} records", justify="right")
         for name in calls:
             cells = []
-            for size, row in results.items():
+            for row in results.values():
                 base = row["baseline GET /me"]
                 cells.append(f"{row[name]:.1f} ms ({row[name] / base:.1f}x)")
             table.add_row(name, *cells)
