@@ -43,6 +43,8 @@ def prepare() -> None:
     argilla_server import happens once; the credentials come from the environment, never from a
     command line that `ps` shows."""
     import asyncio
+    import contextlib
+    import io
     import os
 
     from argilla_server.cli.database.migrate import migrate_db
@@ -50,16 +52,19 @@ def prepare() -> None:
     from argilla_server.models import UserRole
 
     migrate_db("head")
-    username = os.environ["PREFLOOP_OWNER_USERNAME"]
-    asyncio.run(
-        _create(
-            first_name=username,
-            username=username,
-            role=UserRole.owner,
-            password=os.environ["PREFLOOP_OWNER_PASSWORD"],
-            api_key=os.environ["PREFLOOP_OWNER_API_KEY"],
+    username = os.environ.pop("PREFLOOP_OWNER_USERNAME")
+    password, api_key = os.environ.pop("PREFLOOP_OWNER_PASSWORD"), os.environ.pop("PREFLOOP_OWNER_API_KEY")
+    # Argilla's helper echoes the new user's API key: keep it out of server.log
+    with contextlib.redirect_stdout(io.StringIO()):
+        asyncio.run(
+            _create(
+                first_name=username,
+                username=username,
+                role=UserRole.owner,
+                password=password,
+                api_key=api_key,
+            )
         )
-    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -31,6 +32,9 @@ def test_up_status_users_down_manage_exactly_their_processes(tmp_path) -> None:
         up = runner.invoke(annotate_app, ["up", *opts])
         assert up.exit_code == 0, up.output
         assert "First run: owner prefloop" in up.output  # credentials shown on the first start only
+        owner = json.loads((home / "owner.json").read_text())
+        assert (home / "owner.json").stat().st_mode & 0o777 == 0o600
+        assert owner["api_key"] not in (home / "logs" / "server.log").read_text()  # no secrets in logs
         processes = _read_state(home)["processes"]
         assert set(processes) == {"redis", "server", "worker"}
 
