@@ -499,7 +499,8 @@ def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.Feedba
         else:
             item = fs.FeedbackInput("pairwise", body.chosen_id, rejected_id=body.rejected_id, **common)
         try:
-            row, created = fs.add_feedback(session, item)
+            with store.write_lock:
+                row, created = fs.add_feedback(session, item)
         except fs.FeedbackError as exc:
             raise APIError(exc.status, str(exc), param=exc.param) from None
         if not created:
@@ -540,7 +541,7 @@ def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.Feedba
 
 
 def _log_rows(store: fs.FeedbackStore, rows: list[fs.Completion]) -> None:
-    with store.session() as session:
+    with store.write_lock, store.session() as session:
         fs.log_completions(session, rows)
 
 

@@ -90,7 +90,7 @@ def feedback_ingest(
         if review or cfg.ingest.review:
             from serving.review import push_for_review
 
-            dataset = push_for_review(data)
+            dataset = push_for_review(data, cfg.ingest.annotation_config, cfg.ingest.review_dataset)
             console.print(
                 f"pushed {data.pairs} pairs to Argilla dataset {dataset!r}; "
                 "run `prefloop feedback pull-review` once reviewed"
@@ -113,7 +113,9 @@ def feedback_pull_review(config: ConfigOption = None, overrides: SetOption = Non
         latest = latest_version(cfg.ingest.output_dir)
         if latest is None:
             raise typer.BadParameter("no dataset version yet: run `prefloop feedback ingest --review` first")
-        data = pull_reviewed(latest, cfg.ingest.output_dir)
+        data = pull_reviewed(
+            latest, cfg.ingest.output_dir, cfg.ingest.annotation_config, cfg.ingest.review_dataset
+        )
     print_metrics(f"reviewed -> {data.path}", {"version": data.version, "pairs": data.pairs})
 
 

@@ -82,6 +82,11 @@ class IngestSettings(StrictModel):
     )
     min_rating_gap: int = Field(2, ge=1, le=4, description="Star ratings this far apart make a pair.")
     review: bool = Field(False, description="Send candidate pairs to Argilla and train on the reviewed ones.")
+    annotation_config: Path | None = Field(
+        None,
+        description="`prefloop annotate` YAML (Argilla server, votes needed); default configs/annotation.yaml.",
+    )
+    review_dataset: str = Field("feedback-review", description="Argilla dataset the feedback pairs go to.")
 
 
 class GateSettings(StrictModel):

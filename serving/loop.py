@@ -326,4 +326,5 @@ def review_pairs(data: DatasetVersion, config: LoopConfig) -> DatasetVersion:
     """Send candidate pairs to Argilla and train on what reviewers kept (see `feedback ingest --review`)."""
     from serving.review import review_version
 
-    return review_version(data, config.ingest.output_dir)
+    settings = config.ingest
+    return review_version(data, settings.output_dir, settings.annotation_config, settings.review_dataset)
