@@ -97,7 +97,7 @@ def resolve_connection(settings: ServerSettings) -> Connection:
 # --- processes -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -195,7 +195,7 @@ def up(settings: ServerSettings, console: Console | None = None) -> Connection:
     redis_url = settings.redis_url
     env = server_env(settings, creds, redis_url or "")
     if redis_url is None:
-        port = _free_port()
+        port = free_port()
         redis_url = f"redis://127.0.0.1:{port}/0"
         cmd = [
             str(redis_server_binary()),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import sqlite3
 import statistics
 import tempfile
@@ -37,6 +36,7 @@ from annotation import workspace
 from annotation.config import DatasetSettings, ServerSettings
 from annotation.push import ensure_dataset
 from annotation.users import add_user
+from annotation.workspace import free_port
 
 # a Zipf-ish vocabulary: a few common words and a long tail, so a text query is selective like real text
 WORDS = [f"w{i}" for i in range(5000)]
@@ -49,12 +49,6 @@ PENDING_FOR_ME = {
         ]
     }
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def insert_records(
@@ -123,7 +117,7 @@ def main() -> None:
     console = Console()
 
     home = Path(tempfile.mkdtemp(prefix="bench-argilla-"))
-    settings = ServerSettings(home=str(home), port=_free_port(), startup_timeout_s=300)
+    settings = ServerSettings(home=str(home), port=free_port(), startup_timeout_s=300)
     conn = workspace.up(settings, console)
     try:
         client = conn.client()

@@ -6,27 +6,20 @@ The server venv is created once per PREFLOOP_HOME (cached by requirements hash) 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from annotation.config import DatasetSettings, ServerSettings
-from annotation.workspace import Connection
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from annotation.workspace import Connection, free_port
 
 
 def _start(home: Path, database_url: str | None = None) -> Iterator[tuple[ServerSettings, Connection]]:
     from annotation import workspace
 
     settings = ServerSettings(
-        home=str(home), port=_free_port(), database_url=database_url, startup_timeout_s=180
+        home=str(home), port=free_port(), database_url=database_url, startup_timeout_s=180
     )
     connection = workspace.up(settings)
     try:

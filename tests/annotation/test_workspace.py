@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -12,21 +11,15 @@ from typer.testing import CliRunner
 
 from annotation.cli import annotate_app
 from annotation.config import ServerSettings
-from annotation.workspace import _is_ours, _read_state, server_home
+from annotation.workspace import _is_ours, _read_state, free_port, server_home
 
 runner = CliRunner()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.argilla
 def test_up_status_users_down_manage_exactly_their_processes(tmp_path) -> None:
     home = tmp_path / "argilla"
-    opts = ["--set", f"server.home={home}", "--set", f"server.port={_free_port()}"]
+    opts = ["--set", f"server.home={home}", "--set", f"server.port={free_port()}"]
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         up = runner.invoke(annotate_app, ["up", *opts])
