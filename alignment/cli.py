@@ -150,7 +150,43 @@ def train_sft_command(
     print_metrics(f"SFT -> {cfg.output_dir}", metrics)
 
 
+def train_dpo_command(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    resume: ResumeOption = False,
+    ray: RayOption = False,
+    workers: WorkersOption = None,
+) -> None:
+    """Direct Preference Optimization from an SFT adapter on chosen/rejected pairs (TRL DPOTrainer)."""
+    from alignment.config import load_config
+    from alignment.dpo import DPORunConfig, train_dpo
+
+    with cli_errors():
+        cfg = load_config(DPORunConfig, config, run_overrides(overrides, resume, ray, workers))
+        metrics = train_dpo(cfg)
+    print_metrics(f"DPO -> {cfg.output_dir}", metrics)
+
+
+def train_kto_command(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    resume: ResumeOption = False,
+    ray: RayOption = False,
+    workers: WorkersOption = None,
+) -> None:
+    """KTO on unpaired thumbs-up/thumbs-down feedback (TRL KTOTrainer)."""
+    from alignment.config import load_config
+    from alignment.kto import KTORunConfig, train_kto
+
+    with cli_errors():
+        cfg = load_config(KTORunConfig, config, run_overrides(overrides, resume, ray, workers))
+        metrics = train_kto(cfg)
+    print_metrics(f"KTO -> {cfg.output_dir}", metrics)
+
+
 def register(app: typer.Typer, train: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
     app.command("chat")(chat)
     train.command("sft")(train_sft_command)
+    train.command("dpo")(train_dpo_command)
+    train.command("kto")(train_kto_command)

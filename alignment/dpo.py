@@ -1,0 +1,299 @@
+"""Direct Preference Optimization of a LoRA adapter with TRL's DPOTrainer.
+
+config = load_config(DPORunConfig, "configs/dpo.yaml", ["dpo.beta=0.2"])
+metrics = train_dpo(config)   # adapter + tokenizer + model card in config.output_dir
+
+The policy is the SFT adapter (`init_adapter`) made trainable; the reference is a frozen copy of it
+loaded as a second adapter ("ref") on the same base weights, or, without an SFT adapter, the base
+model with adapters disabled. There is never a second full model in memory.
+
+`PrefloopDPOTrainer` changes three things in TRL's trainer, all about speed on small hardware:
+- reference log-probs are computed once, before training, and cached on disk
+  (`alignment.reference_cache`), so training runs one forward and one backward per step instead of
+  two forwards and a backward, and a re-run with the same model, adapter and data skips them entirely;
+- the LM head scores only completion tokens: the (tokens x vocab) logits of the prompt and the padding
+  are never built (TRL's fused head scores every position on devices without Triton);
+- the log-softmax is a logsumexp over the bf16 logits plus the target logit taken in fp32 from its
+  own row of the head, instead of a float32 copy of the full logits per vocabulary tile.
+The loss itself is TRL's `_compute_loss`, untouched, so every TRL loss type works.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset
+from pydantic import Field
+from rich.progress import Progress
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import FusedCausalLMOutput
+
+from alignment.config import StrictModel
+from alignment.models import adapter_base_model, load_causal_lm, load_tokenizer, resolve_model
+from alignment.preference_data import PreferenceDataSettings, prepare_preferences
+from alignment.reference_cache import ReferenceCache, attach, cache_key
+from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
+
+log = logging.getLogger(__name__)
+
+LossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+
+
+class DPOSettings(StrictModel):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL tie to the reference (tau for IPO).")
+    loss_type: list[LossType] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description="TRL loss types; several are summed with loss_weights (e.g. MPO: [sigmoid, bco_pair, sft]).",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="One weight per loss type (default: 1.0 each)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Probability a label is flipped (robust) / epsilon (exo_pair)."
+    )
+    precompute_ref_log_probs: bool = Field(
+        True, description="Compute reference log-probs once before training and cache them on disk."
+    )
+    reference_cache_dir: Path | None = Field(
+        None,
+        description="Where cached reference log-probs live (default: $PREFLOOP_HOME/cache/reference-logps).",
+    )
+    precompute_batch_size: int = Field(
+        16, ge=1, description="Pairs per reference forward while precomputing."
+    )
+
+
+class DPORunConfig(RunConfig):
+    output_dir: Path = Path("runs/dpo")
+    init_adapter: Path | None = Field(
+        None,
+        description="SFT adapter directory: trained further as the policy, and its frozen copy is the "
+        "reference. Unset: a fresh LoRA (the `lora` block) on `model`, with the base as reference.",
+    )
+    data: PreferenceDataSettings = Field(default_factory=PreferenceDataSettings)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+
+    def base_model(self) -> str:
+        """The base under the SFT adapter, unless `model` was named explicitly."""
+        if self.init_adapter is not None and "model" not in self.model_fields_set:
+            return adapter_base_model(self.init_adapter)
+        return self.model
+
+
+# --- completion-only LM head ------------------------------------------------------------------------
+
+
+def completion_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target) for N scored positions, plus TRL's logged statistics (entropy, mean logit, top-1).
+
+    hidden: (N, H) final hidden states; weight: (V, H) LM head; targets: (N,) next-token ids.
+    """
+    logits = hidden @ weight.t()  # (N, V) in the weights' dtype: the one big matmul
+    log_z = torch.logsumexp(logits.float(), dim=-1)
+    # The target's logit again, in fp32 from its own row of the head: N*H work, no bf16 rounding.
+    target_logits = (hidden.float() * weight[targets].float()).sum(-1)
+    log_probs = target_logits - log_z
+    with torch.no_grad():
+        z = logits.float()
+        p = torch.exp(z - log_z.unsqueeze(-1))
+        entropy = log_z - (p * z).sum(-1)
+        mean_logits = z.mean(-1)
+        is_top1 = z.argmax(-1) == targets
+    return log_probs, entropy, mean_logits, is_top1
+
+
+def add_completion_lm_head(model: PreTrainedModel) -> None:
+    """Make `model(..., labels=labels, fused_lm_head=True)` score only the positions whose label is not -100.
+
+    Same contract as TRL's `add_fused_lm_head` (it returns a `FusedCausalLMOutput` with per-token fields of
+    shape (batch, seq_len - 1), zero where unscored), so TRL's `_compute_loss` reads it unchanged.
+    """
+    original_forward = type(model).forward.__get__(model)
+
+    def forward(
+        self: PreTrainedModel,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        fused_lm_head: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        if not fused_lm_head:
+            return original_forward(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+        for unused in (
+            "use_cache",
+            "output_attentions",
+            "output_hidden_states",
+            "return_dict",
+            "inputs_embeds",
+        ):
+            kwargs.pop(unused, None)
+        hidden = self.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        ).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        scored = targets != -100
+        log_probs, entropy, mean_logits, is_top1 = completion_log_probs(
+            hidden[scored], self.get_output_embeddings().weight, targets[scored]
+        )
+
+        def unflatten(values: torch.Tensor) -> torch.Tensor:
+            # masked_scatter keeps the autograd graph: gradients flow back to the scored positions only
+            return values.new_zeros(scored.shape).masked_scatter(scored, values)
+
+        log_probs = unflatten(log_probs)
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / scored.sum().clamp(min=1),
+            log_probs=log_probs,
+            entropy=unflatten(entropy),
+            mean_logits=unflatten(mean_logits),
+            is_top1=unflatten(is_top1),
+            label_mask=scored,
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+# --- trainer ----------------------------------------------------------------------------------------
+
+
+class PrefloopDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer with disk-cached reference log-probs and a completion-only LM head."""
+
+    def __init__(
+        self,
+        *args: Any,
+        reference_cache: ReferenceCache | None = None,
+        reference_identity: tuple[str, str | None] = ("", None),
+        **kwargs: Any,
+    ) -> None:
+        dpo_args: DPOConfig = kwargs["args"]
+        # TRL's own precompute hashes every weight and caches in a temp dir; ours runs below, after init.
+        precompute = dpo_args.precompute_ref_log_probs
+        dpo_args.precompute_ref_log_probs = False
+        super().__init__(*args, **kwargs)
+        dpo_args.precompute_ref_log_probs = precompute
+        self.reference_cache = reference_cache or ReferenceCache()
+        self.reference_identity = reference_identity
+        add_completion_lm_head(
+            self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        )
+        if precompute:
+            self.precompute_ref_logps = True
+            batch = dpo_args.precompute_ref_batch_size
+            self.train_dataset = self._precompute_ref_logps(
+                self.train_dataset, "train", batch or dpo_args.per_device_train_batch_size
+            )
+            if isinstance(self.eval_dataset, Dataset):
+                self.eval_dataset = self._precompute_ref_logps(
+                    self.eval_dataset, "eval", batch or dpo_args.per_device_eval_batch_size
+                )
+
+    def _reference_settings(self) -> dict[str, Any]:
+        """Everything besides weights and token ids that changes the reference numbers."""
+        model = self.accelerator.unwrap_model(self.model)
+        return {
+            "reference": "ref-adapter" if "ref" in getattr(model, "peft_config", {}) else "base",
+            "dtype": str(model.dtype),
+            "max_length": self.args.max_length,
+            "truncation_mode": self.args.truncation_mode,
+            "ld_alpha": self.ld_alpha,
+        }
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        model_id, adapter = self.reference_identity
+        key = cache_key(model_id, adapter, dataset, self._reference_settings())
+        if (cached := self.reference_cache.load(key, len(dataset))) is not None:
+            log.info("reference log-probs for %s: cache hit %s", name, self.reference_cache.path(key))
+            return attach(dataset, cached)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        model = self.ref_model or self.model
+        was_training = model.training
+        model.eval()
+        chosen, rejected = [], []
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"reference log-probs ({name})", total=len(loader))
+            for batch in loader:
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(model, self._prepare_inputs(batch))
+                chosen.append(ref_chosen.float().cpu())
+                rejected.append(ref_rejected.float().cpu())
+                progress.advance(task)
+        model.train(was_training)
+        tensors = {"ref_chosen_logps": torch.cat(chosen), "ref_rejected_logps": torch.cat(rejected)}
+        log.info("reference log-probs for %s cached at %s", name, self.reference_cache.save(key, tensors))
+        return attach(dataset, tensors)
+
+
+def build_dpo_trainer(config: DPORunConfig) -> PrefloopDPOTrainer:
+    base = resolve_model(config.base_model())
+    tokenizer = load_tokenizer(base)  # an SFT adapter saves the same tokenizer as its base
+    train, eval_ds, report = prepare_preferences(config.data, tokenizer)
+    log.info("DPO data: %s", {k: v for k, v in report.items() if not isinstance(v, dict | list)})
+    model = load_causal_lm(base, device_plan(config), quantization=config.lora.quantization)
+    peft_config = None
+    if config.init_adapter is not None:
+        from peft import PeftModel
+
+        # TRL sees a PEFT model without a peft_config and loads a frozen copy of this adapter as "ref".
+        model = PeftModel.from_pretrained(model, str(config.init_adapter), is_trainable=True)
+    else:
+        peft_config = lora_config(config.lora)
+    has_eval = eval_ds is not None and len(eval_ds) > 0
+    dpo = config.dpo
+    args = training_arguments(
+        DPOConfig,
+        config,
+        has_eval,
+        beta=dpo.beta,
+        loss_type=list(dpo.loss_type),
+        loss_weights=dpo.loss_weights,
+        label_smoothing=dpo.label_smoothing,
+        max_length=config.data.max_length,
+        precompute_ref_log_probs=dpo.precompute_ref_log_probs,
+        precompute_ref_batch_size=dpo.precompute_batch_size,
+    )
+    trainer = PrefloopDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=eval_ds if has_eval else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks(config, has_eval),
+        reference_cache=ReferenceCache(dpo.reference_cache_dir),
+        reference_identity=(base, str(config.init_adapter) if config.init_adapter else None),
+    )
+    trainer.prefloop_data_report = report  # type: ignore[attr-defined]
+    return trainer
+
+
+def train_dpo(config: DPORunConfig) -> dict[str, Any]:
+    return run_training(
+        config, "dpo", build_dpo_trainer, [p for p in (config.data.train, config.data.eval) if p]
+    )

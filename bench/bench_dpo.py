@@ -1,0 +1,282 @@
+"""DPO throughput and peak memory: prefloop's DPO vs TRL's DPOTrainer, same model, data and batch.
+
+    PREFLOOP_HOME=/tmp/pfhome python bench/bench_dpo.py [--steps 5] [--rounds 2]
+
+Three contenders, each in its own process (so peak RSS is its own), run in alternating order over
+`--rounds` rounds (so a noisy neighbour slows all of them, not one):
+- trl-default: DPOTrainer as shipped (DPOConfig defaults: fp32 weights under bf16 autocast, gradient
+  checkpointing, a reference forward every step), LoRA r16 on all linear layers;
+- trl-bf16:    the same with the weights loaded in bf16 and `bf16=True`;
+- prefloop:    `alignment.dpo.build_dpo_trainer` (bf16 weights, no checkpointing, cached reference
+  log-probs, completion-only LM head).
+Throughput counts prompt+response tokens of chosen and rejected (no padding). Model FLOPs
+utilisation uses the bf16 matmul peak measured in this run; model FLOPs per token = 4 * params
+(forward 2N + activation gradients 2N: LoRA leaves the frozen weights without weight gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODEL = "smollm2-135m-instruct"
+METHODS = ("trl-default", "trl-bf16", "prefloop")
+LEARNING_RATE = 5e-5  # large enough that the losses of later steps move away from log(2)
+
+
+def bench_pairs(n_pairs: int) -> list[dict]:
+    """Bundled house-style pairs of about 75 tokens (prompt + response) each."""
+    from alignment.models import load_tokenizer
+    from alignment.preference_data import PreferenceDataSettings, prepare_preferences
+
+    tokenizer = load_tokenizer(MODEL)
+    train, _, _ = prepare_preferences(PreferenceDataSettings(eval_fraction=0), tokenizer)
+
+    def length(row: dict, side: str) -> int:
+        ids = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=True)
+        return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    rows = [r for r in train if 60 <= length(r, "chosen") <= 95 and 55 <= length(r, "rejected") <= 95]
+    if len(rows) < n_pairs:
+        rows = list(train)
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected", "id")} for r in rows[:n_pairs]]
+
+
+def bf16_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def model_params() -> int:
+    """Parameters a token passes through: every weight but the input embedding (the tied head counts)."""
+    from alignment.models import load_causal_lm
+
+    model = load_causal_lm(MODEL)
+    embedding = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - embedding + head
+
+
+def build_trl(method: str, data_path: Path, out: Path, steps: int):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from alignment.data_files import read_jsonl
+    from alignment.models import load_tokenizer, resolve_model
+
+    path = resolve_model(MODEL)
+    rows = [row for _, row in read_jsonl(data_path)]
+    extra = {"model_init_kwargs": {"dtype": torch.bfloat16}, "bf16": True} if method == "trl-bf16" else {}
+    args = DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=LEARNING_RATE,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        **extra,
+    )
+    return DPOTrainer(
+        model=path,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=load_tokenizer(path),
+        peft_config=LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
+
+
+def build_prefloop(data_path: Path, out: Path, steps: int):
+    from alignment.config import load_config
+    from alignment.dpo import DPORunConfig, build_dpo_trainer
+    from alignment.models import resolve_model
+
+    config = load_config(
+        DPORunConfig,
+        overrides=[
+            f"model={resolve_model(MODEL)}",
+            f"output_dir={out}",
+            f"data.train={data_path}",
+            "data.eval_fraction=0",
+            "data.near_dup_threshold=null",
+            "training.batch_size=4",
+            f"training.max_steps={steps}",
+            f"training.learning_rate={LEARNING_RATE}",
+            "training.lr_scheduler=linear",  # TRL's default, so the losses are comparable step by step
+            "training.optim=adamw_torch_fused",
+            "training.logging_steps=1",
+            "training.save_steps=100000",
+            "lora.r=16",
+            "lora.alpha=32",
+            "lora.dropout=0.0",
+            "tracking.report_to=none",
+            f"dpo.reference_cache_dir={out / 'reference-cache'}",  # empty: the precompute is timed
+        ],
+    )
+    return build_dpo_trainer(config)
+
+
+def worker(method: str, data_path: Path, warmup: int, steps: int) -> dict:
+    """Train one contender and report step times, tokens, losses and peak RSS."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.tokens: list[int] = []
+            self.losses: list[float] = []
+            self._start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs) -> None:
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            self.times.append(time.perf_counter() - self._start)
+            self.tokens.append(trainer._total_train_tokens)
+
+        def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        if method == "prefloop":
+            trainer = build_prefloop(data_path, Path(tmp), warmup + steps)
+        else:
+            trainer = build_trl(method, data_path, Path(tmp), warmup + steps)
+        setup = time.perf_counter() - start
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+    tokens = [b - a for a, b in zip([0, *timer.tokens], timer.tokens, strict=False)]
+    return {
+        "method": method,
+        "setup_s": setup,
+        "step_s": timer.times[warmup:],
+        "tokens_per_step": tokens[warmup:],
+        "losses": timer.losses,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_worker(method: str, data_path: Path, warmup: int, steps: int) -> dict:
+    out = data_path.with_name(f"{method}.json")
+    cmd = [sys.executable, __file__, "--worker", method, "--data", str(data_path), "--result", str(out)]
+    cmd += ["--warmup", str(warmup), "--steps", str(steps)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{method} failed:\n{result.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per run.")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.worker:
+        opts.result.write_text(json.dumps(worker(opts.worker, opts.data, opts.warmup, opts.steps)))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from alignment.data_files import write_jsonl
+
+    console = Console()
+    methods = opts.methods.split(",")
+    n_pairs = 4 * (opts.warmup + opts.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "pairs.jsonl"
+        write_jsonl(data_path, bench_pairs(n_pairs))
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for round_ in range(opts.rounds):
+            order = methods if round_ % 2 == 0 else methods[::-1]
+            for method in order:
+                console.print(f"round {round_ + 1}/{opts.rounds}: {method} ...")
+                runs[method].append(run_worker(method, data_path, opts.warmup, opts.steps))
+    peak = bf16_peak_gflops()
+    flops_per_token = 4 * model_params()
+
+    summary: dict[str, dict] = {}
+    for method, results in runs.items():
+        step_s = statistics.median(t for r in results for t in r["step_s"])
+        tokens = statistics.mean(t for r in results for t in r["tokens_per_step"])
+        summary[method] = {
+            "s_per_step": step_s,
+            "tokens_per_s": tokens / step_s,
+            "tokens_per_step": tokens,
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+            "mfu": tokens * flops_per_token / step_s / (peak * 1e9),
+            "losses": results[0]["losses"],
+            "setup_s": statistics.mean(r["setup_s"] for r in results),
+        }
+    table = Table(title=f"DPO, {MODEL} + LoRA r16, 4 pairs/step, bf16 matmul peak {peak:.0f} GFLOP/s")
+    for col in ("method", "s/step", "tokens/s", "tokens/step", "peak RSS MiB", "MFU", "setup s"):
+        table.add_column(col, justify="right")
+    for method, s in summary.items():
+        table.add_row(
+            method,
+            f"{s['s_per_step']:.2f}",
+            f"{s['tokens_per_s']:.0f}",
+            f"{s['tokens_per_step']:.0f}",
+            f"{s['peak_rss_mib']:.0f}",
+            f"{s['mfu']:.1%}",
+            f"{s['setup_s']:.1f}",
+        )
+    console.print(table)
+    if "prefloop" in summary:
+        ours = summary["prefloop"]
+        targets = {"trl-default": 4.0, "trl-bf16": 3.0}
+        for method, target in targets.items():
+            if method not in summary:
+                continue
+            base = summary[method]
+            ratio = ours["tokens_per_s"] / base["tokens_per_s"]
+            mem = base["peak_rss_mib"] / ours["peak_rss_mib"]
+            deltas = [abs(a - b) for a, b in zip(ours["losses"], base["losses"], strict=False)]
+            verdict = "met" if ratio >= target else "MISSED"
+            console.print(
+                f"prefloop vs {method}: throughput x{ratio:.2f} (target x{target:.0f}: {verdict}), "
+                f"peak memory x{mem:.2f} smaller, max |loss diff| over {len(deltas)} steps "
+                f"{max(deltas, default=float('nan')):.4f}"
+            )
+        console.print(f"losses: { {m: [round(x, 4) for x in s['losses']] for m, s in summary.items()} }")
+    print(json.dumps({"bf16_peak_gflops": peak, "flops_per_token": flops_per_token, **summary}))
+
+
+if __name__ == "__main__":
+    main()
