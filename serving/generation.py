@@ -372,23 +372,6 @@ class GenerationEngine:
         assert result is not None
         return result
 
-    @torch.inference_mode()
-    def completion_logprobs(
-        self, model: str, prompt_ids: list[list[int]], completion_ids: list[list[int]]
-    ) -> list[torch.Tensor]:
-        """Per-token log-probabilities of each completion given its prompt, under `model` (for KL)."""
-        adapter = self.resolve(model)
-        rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.plan.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.plan.device)
-        extra = {"adapter_names": [adapter] * len(rows)} if hasattr(self.model, "peft_config") else {}
-        with self._model_lock:
-            logits = self.model(input_ids=input_ids, attention_mask=mask, **extra).logits.float()
-        logprobs = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return [logprobs[i, width - 1 - len(c) :] for i, c in enumerate(completion_ids)]
-
     # --- the batching thread --------------------------------------------------------------
 
     def _next(self, timeout: float | None = None) -> Job | str | None:

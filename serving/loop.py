@@ -252,74 +252,61 @@ def default_trainer(job: TrainJob) -> Path:
     return Path(out) if isinstance(out, str | Path) else job.output_dir
 
 
-def default_evaluator(job: EvalJob) -> dict[str, Any]:
-    """`prefloop eval`: reward-model win rate, KL and length of candidate vs current."""
-    from reward.evaluate import compare_models
-
-    return compare_models(
-        base_model=job.base_model,
-        candidate_adapter=job.candidate_adapter,
-        reference_adapter=job.current_adapter,
-        prompts=job.prompts,
-        reward_model=job.settings.reward_model,
-        max_new_tokens=job.settings.max_new_tokens,
-        output_dir=job.output_dir,
-    )
-
-
-def scorer_evaluator(
-    scorer: Callable[[list[str], list[str]], list[float]], threads: int | None = None
+def reward_evaluator(
+    scorer: Callable[[list[Any], list[str]], list[float]] | None = None, threads: int | None = None
 ) -> Evaluator:
-    """An evaluator from a programmatic scorer `(prompts, responses) -> rewards`, for deployments
-    (and tests) without a reward model. Both models answer the regression prompts greedily;
-    win rate counts ties as half a win; KL is per token, on the candidate's own answers."""
+    """`prefloop eval` (`reward.evaluate.compare_models`) as the loop's evaluator.
+
+    Candidate and current model answer the regression prompts greedily; the win rate is by
+    `scorer` (prompts, responses) -> rewards, or by the reward model in `eval.reward_model`; KL
+    is the candidate's per-token KL to the base model, and the length ratio candidate/current.
+    `threads` caps torch's CPU threads for the evaluation (on a shared CPU fewer is faster).
+    """
 
     def evaluate(job: EvalJob) -> dict[str, Any]:
-        import asyncio
+        from reward.evaluate import ModelSpec, SamplingSettings, compare_models
 
-        from serving.generation import GenerationEngine, SamplingParams
+        score = scorer
+        if score is None:
+            if job.settings.reward_model is None:
+                raise ValueError("eval.reward_model is not set: the gate needs a reward model (or a scorer)")
+            from reward.scorer import RewardScorer
 
-        engine = GenerationEngine(job.base_model, max_batch_size=2 * len(job.prompts), threads=threads)
-        try:
-            engine.load_adapter("candidate", job.candidate_adapter)
-            current = "base"
-            if job.current_adapter is not None:
-                engine.load_adapter("current", job.current_adapter)
-                current = "current"
-            prompt_ids = [engine.encode(p) for p in job.prompts]
-            params = SamplingParams(temperature=0.0, max_tokens=job.settings.max_new_tokens)
-
-            async def answer_all() -> list[str]:
-                runs = [engine.generate(m, ids, params) for m in ("candidate", current) for ids in prompt_ids]
-                return [g.choices[0].text for g in await asyncio.gather(*runs)]
-
-            answers = asyncio.run(answer_all())
-            ours, theirs = answers[: len(prompt_ids)], answers[len(prompt_ids) :]
-            texts = [p[-1]["content"] for p in job.prompts]
-            ours_r, theirs_r = scorer(texts, ours), scorer(texts, theirs)
-            wins = sum(
-                1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours_r, theirs_r, strict=True)
-            )
-            tok = engine.tokenizer
-            completion_ids = [
-                tok(a, add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for a in ours
-            ]
-            logp_new = engine.completion_logprobs("candidate", prompt_ids, completion_ids)
-            logp_ref = engine.completion_logprobs(current, prompt_ids, completion_ids)
-            kl = sum(float((a - b).mean()) for a, b in zip(logp_new, logp_ref, strict=True)) / len(prompt_ids)
-        finally:
-            engine.close()
-        mean_len = lambda xs: sum(map(len, xs)) / max(1, len(xs))  # noqa: E731
+            score = RewardScorer.from_pretrained(job.settings.reward_model)
+        sampling = SamplingSettings(max_new_tokens=job.settings.max_new_tokens, temperature=0.0)
+        candidate = ModelSpec(model=job.base_model, adapter=job.candidate_adapter)
+        current = ModelSpec(model=job.base_model, adapter=job.current_adapter)
+        result = _with_threads(
+            threads, lambda: compare_models(candidate, current, score, job.prompts, sampling)
+        )
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        (job.output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        ours, theirs = result["candidate"], result["baseline"]
         return {
-            "win_rate": wins / len(prompt_ids),
-            "kl": kl,
-            "length_ratio": mean_len(ours) / max(1.0, mean_len(theirs)),
-            "reward_candidate": sum(ours_r) / len(ours_r),
-            "reward_current": sum(theirs_r) / len(theirs_r),
-            "prompts": len(prompt_ids),
+            "win_rate": result["win_rate"],
+            "kl": ours["kl_to_reference"],
+            "length_ratio": ours["mean_length"] / max(theirs["mean_length"], 1e-9),
+            "reward_candidate": ours["mean_reward"],
+            "reward_current": theirs["mean_reward"],
+            **{k: result[k] for k in ("prompts", "wins", "ties", "losses")},
         }
 
     return evaluate
+
+
+def _with_threads(threads: int | None, fn: Callable[[], Any]) -> Any:
+    """Run `fn` in a thread with its own torch thread count (per-thread under OpenMP)."""
+    if threads is None:
+        return fn()
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return pool.submit(fn).result()
+
+
+default_evaluator = reward_evaluator()
 
 
 def review_pairs(data: DatasetVersion, config: LoopConfig) -> DatasetVersion:

@@ -11,11 +11,22 @@ import httpx
 import pytest
 
 from serving.config import LoopConfig
-from serving.loop import check_gate, notify_server, run_once, scorer_evaluator
+from serving.loop import check_gate, notify_server, reward_evaluator, run_once
 from serving.registry import ModelRegistry
 from tests.serving.conftest import ADMIN_KEY, CLIENT_KEY
 
 PROMPTS = [f"Tell me about topic {i}." for i in range(10)]
+
+
+# Two optimizer steps on tiny-random: enough to produce a real adapter, cheap enough for CI.
+TINY_TRAINING = {
+    "training.max_steps": 2,
+    "training.batch_size": 2,
+    "training.logging_steps": 1,
+    "tracking.report_to": "none",
+    "lora.r": 4,
+    "data.eval_fraction": 0.0,
+}
 
 
 def length_scorer(prompts: list[str], responses: list[str]) -> list[float]:
@@ -30,16 +41,8 @@ def loop_config(server, tmp_path: Path, **overrides: object) -> LoopConfig:
             "output_dir": str(tmp_path / "runs"),
             "ingest": {"output_dir": str(tmp_path / "data")},
             "trigger": {"min_new_pairs": 6},
-            "train_overrides": {
-                "training.max_steps": 2,
-                "training.batch_size": 2,
-                "training.logging_steps": 1,
-                "tracking.report_to": "none",
-                "lora.r": 4,
-                "data.eval_fraction": 0.0,
-                "data.near_dup_threshold": None,
-                "dpo.reference_cache_dir": str(tmp_path / "ref-cache"),
-            },
+            "train_overrides": TINY_TRAINING
+            | {"data.near_dup_threshold": None, "dpo.reference_cache_dir": str(tmp_path / "ref-cache")},
             "gate": {"min_win_rate": 0.0, "max_length_ratio": None},
             "eval": {"max_new_tokens": 8},
             "server_url": server.url,
@@ -131,7 +134,7 @@ def fingerprint(client) -> str:
 def test_full_loop_promotes_and_hot_swaps_without_failed_requests(server, client, tmp_path: Path) -> None:
     collect_pairwise_feedback(server, client)
     registry = ModelRegistry(server.store)
-    evaluator = scorer_evaluator(length_scorer, threads=1)
+    evaluator = reward_evaluator(length_scorer, threads=1)
 
     not_yet = run_once(loop_config(server, tmp_path, trigger={"min_new_pairs": 1000}), server.store)
     assert not_yet.status == "waiting" and not_yet.new_pairs >= 6 and registry.list() == []
@@ -185,7 +188,7 @@ def test_gate_rejects_a_candidate_and_keeps_the_current_model(
         config,
         server.store,
         trainer=lambda job: adapters["a2"],
-        evaluator=scorer_evaluator(lambda prompts, responses: [0.0] * len(responses), threads=1),
+        evaluator=reward_evaluator(lambda prompts, responses: [0.0] * len(responses), threads=1),
         force=True,
         admin_key=ADMIN_KEY,
     )
@@ -207,3 +210,29 @@ def test_gate_checks_each_bound() -> None:
         "length_ratio",
         "regression_pass_rate",
     ]
+
+
+@pytest.mark.slow
+def test_unpaired_thumbs_train_with_kto(server, client, tmp_path: Path) -> None:
+    for i in range(8):
+        r = client.chat.completions.create(
+            model="prefloop-current", messages=[{"role": "user", "content": f"Thumbs {i}?"}], max_tokens=8
+        )
+        body = {"type": "thumbs", "completion_id": r.id, "value": "up" if i % 2 else "down"}
+        assert (
+            httpx.post(f"{server.url}/v1/feedback", json=body, headers=server.client_headers).status_code
+            == 201
+        )
+    config = loop_config(server, tmp_path, algorithm="kto", train_overrides=TINY_TRAINING)
+    result = run_once(
+        config,
+        server.store,
+        evaluator=reward_evaluator(lambda prompts, responses: [0.0] * len(responses), threads=1),
+        force=True,
+        admin_key=ADMIN_KEY,
+    )
+    assert result.status == "promoted", result
+    version = ModelRegistry(server.store).get(result.version)
+    assert version.config["algorithm"] == "kto"
+    assert (Path(version.adapter_path) / "adapter_config.json").is_file()
+    assert fingerprint(client) == result.version
