@@ -49,22 +49,27 @@ def prepare() -> None:
 
     from argilla_server.cli.database.migrate import migrate_db
     from argilla_server.cli.database.users.create import _create
+    from argilla_server.database import async_engine
     from argilla_server.models import UserRole
 
     migrate_db("head")
     username = os.environ.pop("PREFLOOP_OWNER_USERNAME")
     password, api_key = os.environ.pop("PREFLOOP_OWNER_PASSWORD"), os.environ.pop("PREFLOOP_OWNER_API_KEY")
+
     # Argilla's helper echoes the new user's API key: keep it out of server.log
-    with contextlib.redirect_stdout(io.StringIO()):
-        asyncio.run(
-            _create(
+    async def create_owner() -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            await _create(
                 first_name=username,
                 username=username,
                 role=UserRole.owner,
                 password=password,
                 api_key=api_key,
             )
-        )
+        # pooled asyncpg connections belong to this event loop; uvicorn runs another one
+        await async_engine.dispose()
+
+    asyncio.run(create_owner())
 
 
 if __name__ == "__main__":
