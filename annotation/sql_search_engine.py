@@ -105,10 +105,14 @@ def _pg_document(value: str, members: str) -> str:
 
 _PG_TSVECTOR = _pg_document("CAST(records.fields AS JSONB)", "$.*")
 POSTGRES_FTS_DDL = [f"CREATE INDEX IF NOT EXISTS ix_{FTS_TABLE} ON records USING gin (({_PG_TSVECTOR}))"]
-# Extra indexes the per-user queries lean on at 50k records.
+# Covering indexes for the per-annotator queries (measured at 50k records: the pending-queue count
+# 1.6x and an annotator's progress 5x faster than with Argilla's own indexes alone).
 COMMON_DDL = [
-    "CREATE INDEX IF NOT EXISTS ix_prefloop_responses_record_user ON responses (record_id, user_id, status)",
-    "CREATE INDEX IF NOT EXISTS ix_prefloop_records_dataset_status ON records (dataset_id, status, inserted_at)",
+    # the queue: records of a dataset by status in serving order, with the id the EXISTS probe needs
+    "CREATE INDEX IF NOT EXISTS ix_prefloop_records_queue ON records (dataset_id, status, inserted_at, id)",
+    # an annotator's progress: their responses by status, joined to records without table lookups
+    "CREATE INDEX IF NOT EXISTS ix_prefloop_responses_user ON responses (user_id, status, record_id)",
+    "CREATE INDEX IF NOT EXISTS ix_prefloop_records_id_dataset ON records (id, dataset_id)",
 ]
 
 _setup_done = False
