@@ -32,7 +32,7 @@ from ray.train import (
 )
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchConfig, TorchTrainer
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from alignment.config import ConfigError, DistributedSettings
 from alignment.runner import RunConfig as PrefloopRunConfig
@@ -159,7 +159,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):
         os.chdir(loop_config["cwd"])
     rank = ray.train.get_context().get_world_rank()
-
+    # Fresh heads (a reward model's score layer, LoRA A) are drawn before the HF Trainer seeds anything:
+    # seed first, so 1 and N workers start from the same weights.
+    set_seed(config.training.seed)
     trainer = prepare_trainer(use_rich_progress(build_trainer(config)))
     trainer.add_callback(ReportCheckpointCallback())
 
