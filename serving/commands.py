@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,23 @@ from rich.table import Table
 
 from alignment.cli import ConfigOption, SetOption, cli_errors, console, print_metrics
 from alignment.config import load_config
+
+
+@contextmanager
+def serving_errors() -> Iterator[None]:
+    """cli_errors, plus the serving layer's own user errors: exit code 2 and the message."""
+    import httpx
+
+    from serving.feedback_store import FeedbackError
+    from serving.registry import RegistryError
+
+    with cli_errors():
+        try:
+            yield
+        except (RegistryError, FeedbackError, httpx.HTTPError, ValueError) as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
 
 DEFAULT_SERVE_CONFIG = Path("configs/serve.yaml")
 DEFAULT_LOOP_CONFIG = Path("configs/loop.yaml")
@@ -61,7 +80,7 @@ def serve(
 
     from serving.app import build_app
 
-    with cli_errors():
+    with serving_errors():
         settings = _serve_config(config, overrides)
         if host:
             settings.host = host
@@ -84,7 +103,7 @@ def feedback_ingest(
     """Turn stored feedback into the next versioned, deduplicated preference dataset."""
     from serving.ingest import ingest
 
-    with cli_errors():
+    with serving_errors():
         cfg = _loop_config(config, overrides)
         data = ingest(_store(cfg.serve.store_url), cfg.ingest.output_dir, cfg.ingest.min_rating_gap)
         if review or cfg.ingest.review:
@@ -108,11 +127,11 @@ def feedback_pull_review(config: ConfigOption = None, overrides: SetOption = Non
     from serving.ingest import latest_version
     from serving.review import pull_reviewed
 
-    with cli_errors():
+    with serving_errors():
         cfg = _loop_config(config, overrides)
         latest = latest_version(cfg.ingest.output_dir)
         if latest is None:
-            raise typer.BadParameter("no dataset version yet: run `prefloop feedback ingest --review` first")
+            raise ValueError("no dataset version yet: run `prefloop feedback ingest --review` first")
         data = pull_reviewed(
             latest, cfg.ingest.output_dir, cfg.ingest.annotation_config, cfg.ingest.review_dataset
         )
@@ -124,7 +143,7 @@ def feedback_stats(config: ConfigOption = None, overrides: SetOption = None) -> 
     """Counts of logged completions and feedback."""
     from serving.feedback_store import counts
 
-    with cli_errors():
+    with serving_errors():
         store = _store(_serve_config(config, overrides).store_url)
         with store.session() as session:
             print_metrics(
@@ -141,7 +160,7 @@ def feedback_migrate(
     """Create or upgrade the store's schema (alembic)."""
     from serving.feedback_store import FeedbackStore
 
-    with cli_errors():
+    with serving_errors():
         store = FeedbackStore(_serve_config(config, overrides).store_url, migrate=False)
         store.migrate(revision)
     console.print(f"store at {revision}")
@@ -170,7 +189,7 @@ def loop_run(
             metrics["gate"] = "; ".join(result.gate_failures)
         print_metrics("loop", metrics)
 
-    with cli_errors():
+    with serving_errors():
         cfg = _loop_config(config, overrides)
         store = _store(cfg.serve.store_url)
         admin = cfg.serve.auth.admin()
@@ -185,7 +204,7 @@ def loop_status(config: ConfigOption = None, overrides: SetOption = None) -> Non
     """Current model, data versions, and pairs waiting for the next retrain."""
     from serving.loop import status
 
-    with cli_errors():
+    with serving_errors():
         cfg = _loop_config(config, overrides)
         info = status(cfg, _store(cfg.serve.store_url))
     versions = info.pop("versions")
@@ -222,7 +241,7 @@ def registry_list(
 
     from serving.registry import ModelRegistry
 
-    with cli_errors():
+    with serving_errors():
         cfg = _loop_config(config, overrides)
         registry = ModelRegistry(_store(cfg.serve.store_url))
         versions = [asdict(v) for v in registry.list()]
@@ -255,14 +274,11 @@ def registry_promote(
     server_url: ServerOption = None,
 ) -> None:
     """Make a version current (and hot-swap it into a running server)."""
-    from serving.registry import ModelRegistry, RegistryError
+    from serving.registry import ModelRegistry
 
-    with cli_errors():
+    with serving_errors():
         cfg = _loop_config(config, overrides)
-        try:
-            ModelRegistry(_store(cfg.serve.store_url)).promote(version)
-        except RegistryError as exc:
-            raise typer.BadParameter(str(exc)) from None
+        ModelRegistry(_store(cfg.serve.store_url)).promote(version)
         _swap(cfg, server_url)
     console.print(f"current: {version}")
 
@@ -277,14 +293,11 @@ def registry_rollback(
     server_url: ServerOption = None,
 ) -> None:
     """Serve an earlier version again (and hot-swap it into a running server)."""
-    from serving.registry import ModelRegistry, RegistryError
+    from serving.registry import ModelRegistry
 
-    with cli_errors():
+    with serving_errors():
         cfg = _loop_config(config, overrides)
-        try:
-            now = ModelRegistry(_store(cfg.serve.store_url)).rollback(to)
-        except RegistryError as exc:
-            raise typer.BadParameter(str(exc)) from None
+        now = ModelRegistry(_store(cfg.serve.store_url)).rollback(to)
         _swap(cfg, server_url)
     console.print(f"current: {now.id if now else 'base'}")
 

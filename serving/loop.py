@@ -184,8 +184,15 @@ def run_once(
     registry.promote(version.id)
     swapped = False
     if config.server_url:
-        notify_server(config.server_url, admin_key)
-        swapped = True
+        try:
+            notify_server(config.server_url, admin_key)
+            swapped = True
+        except httpx.HTTPError as exc:
+            # The registry is the source of truth: a server that missed the call serves the new
+            # version after `POST /admin/reload` or a restart.
+            log.warning(
+                "promoted %s but could not reach %s to hot-swap: %s", version.id, config.server_url, exc
+            )
     return LoopResult("promoted", data.version, new_pairs, version.id, result, [], swapped)
 
 
