@@ -176,6 +176,11 @@ def status(settings: ServerSettings) -> dict:
 def up(settings: ServerSettings, console: Console | None = None) -> Connection:
     """Start redis + Argilla server + rq worker (idempotent) and wait until the API accepts the owner key."""
     console = console or Console(stderr=True)
+    if os.environ.get("ARGILLA_API_URL") or settings.url:  # a remote Argilla: nothing to start, only check
+        connection = resolve_connection(settings)
+        _check_api(connection)
+        console.print(f"using the remote Argilla at {connection.url}")
+        return connection
     home = server_home(settings)
     current = status(settings)
     if current["processes"] and all(current["processes"].values()) and current["ready"]:
@@ -237,6 +242,19 @@ def up(settings: ServerSettings, console: Console | None = None) -> Connection:
             f"(stored in {_owner_file(home)}, mode 600)."
         )
     return connection
+
+
+def _check_api(connection: Connection) -> None:
+    try:
+        response = httpx.get(
+            f"{connection.url}/api/v1/me", headers={"X-Argilla-Api-Key": connection.api_key}, timeout=10
+        )
+    except httpx.HTTPError as exc:
+        raise WorkspaceError(f"cannot reach Argilla at {connection.url}: {exc}") from None
+    if response.status_code != 200:
+        raise WorkspaceError(
+            f"{connection.url} answered {response.status_code} to the API key: {response.text[:200]}"
+        )
 
 
 def _wait_ready(connection: Connection, home: Path, processes: dict[str, dict], timeout_s: float) -> None:

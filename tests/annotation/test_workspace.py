@@ -78,3 +78,13 @@ def test_bad_config_names_the_key(tmp_path) -> None:
 def test_server_home_defaults_under_prefloop_home(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("PREFLOOP_HOME", str(tmp_path))
     assert server_home(ServerSettings()) == tmp_path / "argilla"
+
+
+def test_up_against_a_remote_argilla_checks_it_instead_of_starting_one(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ARGILLA_API_KEY", "some-key")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = runner.invoke(
+        annotate_app, ["up", "--set", f"server.url={url}", "--set", f"server.home={tmp_path}"]
+    )
+    assert result.exit_code == 1 and f"cannot reach Argilla at {url}" in result.output
+    assert not (tmp_path / "run").exists()  # no local process was started
