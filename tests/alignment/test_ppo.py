@@ -1,0 +1,305 @@
+"""PPO: the losses and GAE against hand-computed values, then real training on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.config import ConfigError, load_config
+from alignment.data_files import DataError
+from alignment.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPORunConfig,
+    RunningMoments,
+    build_ppo_trainer,
+    compute_gae,
+    load_prompts,
+    load_ppo_models,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    train_ppo,
+    value_loss,
+)
+
+# --- losses against hand-computed values ----------------------------------------------------------
+
+
+def test_gae_matches_hand_computation() -> None:
+    # One response of 3 tokens (the 4th is padding), gamma=0.9, lam=0.8.
+    rewards = torch.tensor([[0.0, 0.5, 1.0, 7.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # delta_2 = 1.0 + 0.9*0 - 0.6 = 0.4            A_2 = 0.4
+    # delta_1 = 0.5 + 0.9*0.6 - 0.4 = 0.64         A_1 = 0.64 + 0.72*0.4 = 0.928
+    # delta_0 = 0.0 + 0.9*0.4 - 0.2 = 0.16         A_0 = 0.16 + 0.72*0.928 = 0.82816
+    expected = torch.tensor([[0.82816, 0.928, 0.4, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, expected + values * mask)
+
+
+def test_gae_with_lambda_one_is_discounted_return_minus_value() -> None:
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5]])
+    advantages, returns = compute_gae(rewards, values, torch.ones(1, 3), gamma=0.5, lam=1.0)
+    discounted = torch.tensor([[1 + 0.5 * 2 + 0.25 * 3, 2 + 0.5 * 3, 3.0]])
+    torch.testing.assert_close(returns, discounted)
+    torch.testing.assert_close(advantages, discounted - values)
+
+
+def test_per_token_rewards_put_score_on_last_token_and_kl_everywhere() -> None:
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    scores = torch.tensor([2.0, -1.0])
+    rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 0.1 + 2.0], [-0.1, 0.0 - 1.0, 0.0]]))
+    # k3 = (r - 1) - log r with r = pi_ref / pi: non-negative per token.
+    _, kl3 = per_token_rewards(scores, logprobs, ref_logprobs, mask, 0.1, kl_estimator="k3")
+    assert kl3[0, 0].item() == pytest.approx(math.exp(-0.5) - 1 + 0.5)
+    assert (kl3 >= 0).all()
+
+
+def test_policy_loss_clips_the_ratio() -> None:
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    advantages = torch.tensor([[1.0, -1.0, 2.0]])
+    loss, stats = policy_loss(new, old, advantages, torch.ones(1, 3), cliprange=0.2)
+    # token 0: min(1.5*1, 1.2*1) = 1.2 (clipped); token 1: min(-0.5, -0.8) = -0.8 (clipped);
+    # token 2: min(2.2, 2.2) = 2.2. Loss = -mean = -(1.2 - 0.8 + 2.2) / 3.
+    assert loss.item() == pytest.approx(-(1.2 - 0.8 + 2.2) / 3)
+    assert stats["policy/clipfrac"].item() == pytest.approx(2 / 3)
+
+
+def test_value_loss_takes_the_worse_of_clipped_and_unclipped() -> None:
+    old_values = torch.tensor([[0.0, 0.0]])
+    vpred = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[1.0, -1.0]])
+    loss, stats = value_loss(vpred, old_values, returns, torch.ones(1, 2), cliprange_value=0.2)
+    # token 0: unclipped (1-1)^2 = 0, clipped (0.2-1)^2 = 0.64 -> 0.64;
+    # token 1: unclipped (0.1+1)^2 = 1.21, clipped (0.1+1)^2 = 1.21 -> 1.21.
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21) / 2)
+    assert stats["value/clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_masked_whiten_ignores_padding() -> None:
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    whitened = masked_whiten(values, mask)
+    torch.testing.assert_close(whitened, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
+    kept_mean = masked_whiten(values, mask, shift_mean=False)
+    assert kept_mean[0, :3].mean().item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_adaptive_kl_controller_moves_beta_towards_the_target() -> None:
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, n_steps=10)  # error clipped to +0.2: beta *= 1 + 0.2 * 10/100
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(3.0, n_steps=10)  # error -0.5 clipped to -0.2
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
+    fixed = FixedKLController(0.1)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1
+
+
+def test_running_moments_match_batch_statistics() -> None:
+    moments = RunningMoments()
+    x = torch.arange(10, dtype=torch.float32)
+    moments.update(x[:3])
+    moments.update(x[3:])
+    assert moments.mean == pytest.approx(x.mean().item())
+    assert moments.std == pytest.approx(x.std(unbiased=False).item())
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+
+def test_prompts_come_from_prompt_rows_preference_pairs_and_sft_conversations(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        {"prompt": "Say hi."},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]},
+        {"prompt": "Pick one.", "chosen": "A", "rejected": "B"},
+        {"chosen": "\n\nHuman: Hello?\n\nAssistant: Hi!", "rejected": "\n\nHuman: Hello?\n\nAssistant: Go away."},
+        {"messages": [{"role": "user", "content": "1?"}, {"role": "assistant", "content": "one"},
+                      {"role": "user", "content": "2?"}, {"role": "assistant", "content": "two"}]},
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    prompts = load_prompts(path)
+    assert [p[-1]["content"] for p in prompts] == ["Say hi.", "Why?", "Pick one.", "Hello?", "1?", "2?"]
+    assert prompts[1][0] == {"role": "system", "content": "Be brief."}
+    assert len(prompts[-1]) == 3  # the second user turn keeps its conversation
+
+
+def test_bad_prompt_rows_name_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": [{"role": "assistant", "content": "x"}]}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: .*assistant"):
+        load_prompts(path)
+    path.write_text('{"prompt": "ok"}\n{"question": "where?"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: row has no 'prompt'"):
+        load_prompts(path)
+
+
+def test_ptx_without_data_is_a_config_error(tiny_model: Path, tmp_path: Path) -> None:
+    config = load_config(PPORunConfig, None, [f"model={tiny_model}", "ppo.ptx_coef=0.5"])
+    with pytest.raises(ConfigError, match=r"data\.ptx"):
+        build_ppo_trainer(config, lambda prompts, responses: [0.0] * len(responses))
+
+
+# --- training on a tiny model ----------------------------------------------------------------------
+
+N_TOKENS = 6  # reward: responses shorter than this (so they ended with EOS)
+TOPICS = ["cats", "rain", "tea", "maps", "ships", "bread", "music", "stars"]
+
+
+@pytest.fixture(scope="session")
+def eos_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-random with a reachable EOS.
+
+    Its EOS row is all zeros (EOS doubles as the padding token), so it ends a response with
+    p = 1/vocab and no sample ever earns a length reward. An untied LM head whose EOS row is a fixed
+    random direction gives EOS a context-dependent logit: about a quarter of 8-token samples end, and
+    the policy can learn to end more often by moving its hidden states towards that direction.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from alignment.models import load_tokenizer
+
+    out = tmp_path_factory.mktemp("eos-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, tie_word_embeddings=False, dtype=torch.float32)
+    tokenizer = load_tokenizer(tiny_model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        direction = torch.randn(model.config.hidden_size, generator=generator)
+        model.lm_head.weight[tokenizer.eos_token_id] = direction / direction.norm() * 5.0
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Question number {i}: tell me about {t}."})
+                              for i, t in enumerate(TOPICS * 4)))  # fmt: skip
+    return path
+
+
+def short_response_reward(tokenizer):
+    def reward(prompts: list, responses: list[str]) -> list[float]:
+        return [float(len(tokenizer(r, add_special_tokens=False)["input_ids"]) < N_TOKENS) for r in responses]
+
+    return reward
+
+
+def ppo_overrides(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model={model}",
+        f"output_dir={out}",
+        f"data.prompts={prompts}",
+        "tracking.report_to=none",
+        "training.dtype=fp32",
+        "training.learning_rate=3e-3",
+        "lora.r=8",
+        "lora.dropout=0.0",
+        "ppo.rollout_batch_size=16",
+        "ppo.mini_batch_size=8",
+        "ppo.ppo_epochs=2",
+        "ppo.generation.max_new_tokens=8",
+        "ppo.generation.temperature=1.0",
+        *extra,
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_ppo_raises_reward_with_bounded_kl_and_saves_policy_and_value_head(
+    eos_model: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    from alignment.models import load_tokenizer
+
+    out = tmp_path / "ppo"
+    config = load_config(
+        PPORunConfig, None, ppo_overrides(eos_model, prompt_file, out, "training.max_steps=24")
+    )
+    metrics = train_ppo(config, short_response_reward(load_tokenizer(eos_model)))
+    log = [json.loads(line) for line in (out / "ppo_log.jsonl").read_text().splitlines()]
+    assert len(log) == 24
+    first = sum(r["reward/raw"] for r in log[:6]) / 6
+    last = sum(r["reward/raw"] for r in log[-6:]) / 6
+    assert last > first + 0.25, (first, last)
+    assert metrics["eos_fraction_last"] > log[0]["rollout/eos_fraction"]
+    assert max(r["objective/kl"] for r in log) < 8.0  # nats per response
+    assert (out / "ppo_curves.png").stat().st_size > 0
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "critic" / "value_head.safetensors").is_file()
+    assert (out / "prefloop-config.yaml").is_file()
+
+
+def test_saved_policy_and_value_head_reload(eos_model: Path, prompt_file: Path, tmp_path: Path) -> None:
+    """Shared trunk this time: the value head sits beside the policy adapter, and both reload exactly."""
+    from alignment.models import load_tokenizer
+
+    out = tmp_path / "ppo-shared"
+    overrides = ppo_overrides(eos_model, prompt_file, out, "training.max_steps=2", "ppo.critic=shared")
+    config = load_config(PPORunConfig, None, overrides)
+    trainer, prompts, prompt_ids = build_ppo_trainer(config, short_response_reward(load_tokenizer(eos_model)))
+    stats = trainer.step(prompts[:16], prompt_ids[:16])
+    assert stats["loss/value"] > 0
+    trainer.save(out)
+    assert (out / "value_head.safetensors").is_file()
+    assert trainer.critic.head.summary.weight.abs().sum() > 0  # the value head was trained
+
+    from alignment.devices import plan_device
+    from alignment.ppo import forward_policy, pad
+
+    ids = pad(prompt_ids[:4], trainer.tokenizer.pad_token_id, "left")
+    mask = pad([[1] * len(p) for p in prompt_ids[:4]], 0, "left")
+    policy, critic = load_ppo_models(out, plan_device("fp32"))
+    with torch.no_grad():
+        want_logprobs, _, want_hidden = forward_policy(trainer.policy, ids, mask, 3, 1.0, with_hidden=True)
+        got_logprobs, _, got_hidden = forward_policy(policy, ids, mask, 3, 1.0, with_hidden=True)
+        torch.testing.assert_close(got_logprobs, want_logprobs)
+        torch.testing.assert_close(critic.head(got_hidden), trainer.critic.head(want_hidden))
+
+
+def test_ptx_loss_is_logged_and_moves_the_gradient(
+    eos_model: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    """PPO-ptx: with gamma_ptx > 0 the SFT loss enters the objective and changes the policy's update."""
+    from alignment.models import load_tokenizer
+    from alignment.sft import EXAMPLE_DATA
+
+    reward = short_response_reward(load_tokenizer(eos_model))
+    weights = {}
+    for coef in (0.0, 1.0):
+        overrides = ppo_overrides(
+            eos_model, prompt_file, tmp_path / f"ptx-{coef}", f"ppo.ptx_coef={coef}", f"data.ptx={EXAMPLE_DATA}",
+            "ppo.ppo_epochs=1", "ppo.mini_batch_size=16", "training.seed=7",
+        )  # fmt: skip
+        trainer, prompts, prompt_ids = build_ppo_trainer(load_config(PPORunConfig, None, overrides), reward)
+        torch.manual_seed(0)
+        experience, _ = trainer.make_experience(prompts[:16], prompt_ids[:16])
+        stats = trainer.update(experience)
+        if coef > 0:
+            assert stats["loss/ptx"] > 0
+            # The ptx term alone has a gradient on the policy's LoRA weights.
+            trainer.optimizer.zero_grad()
+            trainer.ptx_loss().backward()
+            assert any(
+                p.grad is not None and p.grad.abs().sum() > 0
+                for p in trainer.optimizer.param_groups[0]["params"]
+            )
+        else:
+            assert "loss/ptx" not in stats
+        weights[coef] = torch.cat([p.detach().flatten() for p in trainer.optimizer.param_groups[0]["params"]])
+    # Same seed, same rollouts, same minibatches: only the ptx term differs between the two updates.
+    assert not torch.allclose(weights[0.0], weights[1.0])
