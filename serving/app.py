@@ -30,6 +30,7 @@ from serving.generation import (
     Delta,
     Generation,
     GenerationEngine,
+    Job,
     SamplingParams,
     UnknownModelError,
 )
@@ -375,27 +376,31 @@ def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.Feedba
                 param="messages",
                 code="context_length_exceeded",
             )
-        try:
-            job = engine.submit(body.model, prompt_ids, params) if not body.stream else None
-            engine.resolve(body.model)
-        except UnknownModelError:
-            raise APIError(
-                404,
-                f"model {body.model!r} does not exist; available: {', '.join(engine.model_names())}",
-                param="model",
-                code="model_not_found",
-            ) from None
+
+        def admit() -> Job:
+            try:
+                return engine.submit(body.model, prompt_ids, params)
+            except UnknownModelError:
+                names = ", ".join(engine.model_names())
+                raise APIError(
+                    404,
+                    f"model {body.model!r} does not exist; available: {names}",
+                    param="model",
+                    code="model_not_found",
+                ) from None
+
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         ids = [f"{response_id}-{i}" for i in range(params.n)]
         created = int(time.time())
 
         async def log(result: Generation) -> None:
+            digest = fs.prompt_hash(messages)
             rows = [
                 fs.Completion(
                     id=ids[c.index],
                     response_id=response_id,
                     choice_index=c.index,
-                    prompt_hash=fs.prompt_hash(messages),
+                    prompt_hash=digest,
                     prompt=messages,
                     response=c.text,
                     model=body.model,
@@ -410,9 +415,9 @@ def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.Feedba
             ]
             await run_in_threadpool(_log_rows, store, rows)
 
-        if job is not None:
+        if not body.stream:
             result = None
-            async for event in engine.stream(job, started):
+            async for event in engine.stream(admit(), started):
                 result = event
             assert isinstance(result, Generation)
             await log(result)
@@ -436,8 +441,7 @@ def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.Feedba
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
-            # Admitted here, not before: a client that disconnects before the first byte pins nothing.
-            job = engine.submit(body.model, prompt_ids, params)
+            job = admit()  # here, not before: a client gone before the first byte pins no adapter
             chunk = ChatCompletionChunk(
                 id=response_id, created=created, model=body.model, system_fingerprint=job.version, choices=[]
             )

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from serving.generation import CURRENT_ALIAS, GenerationEngine, SamplingParams, _holdback, _PerRowSampling
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+from tests.serving.conftest import eventually
 
 
 def test_per_row_sampling_greedy_and_nucleus_rows_share_a_batch() -> None:

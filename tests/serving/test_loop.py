@@ -13,7 +13,7 @@ import pytest
 from serving.config import LoopConfig
 from serving.loop import check_gate, notify_server, reward_evaluator, run_once
 from serving.registry import ModelRegistry
-from tests.serving.conftest import ADMIN_KEY, CLIENT_KEY
+from tests.serving.conftest import ADMIN_KEY, CLIENT_KEY, eventually
 
 PROMPTS = [f"Tell me about topic {i}." for i in range(10)]
 
@@ -112,17 +112,6 @@ def collect_pairwise_feedback(server, client) -> None:
         assert posted.status_code == 201, posted.text
 
 
-def eventually(condition, timeout: float = 60.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def fingerprint(client) -> str:
     messages = [{"role": "user", "content": "Which version?"}]
     return client.chat.completions.create(
@@ -140,12 +129,12 @@ def test_full_loop_promotes_and_hot_swaps_without_failed_requests(server, client
     assert not_yet.status == "waiting" and not_yet.new_pairs >= 6 and registry.list() == []
 
     with Traffic(server.url) as traffic:
-        assert eventually(lambda: len(traffic.versions) >= 3)
+        assert eventually(lambda: len(traffic.versions) >= 3, timeout=60)
         # The real DPO trainer, from the base model, on the pairs the server just collected.
         result = run_once(
             loop_config(server, tmp_path), server.store, evaluator=evaluator, admin_key=ADMIN_KEY
         )
-        assert eventually(lambda: traffic.versions.count("v0001") >= 3)
+        assert eventually(lambda: traffic.versions.count("v0001") >= 3, timeout=60)
     assert traffic.failures == []
     assert result.status == "promoted" and result.swapped and result.version == "v0001"
     assert traffic.versions[0] == "tiny-random" and "v0001" in traffic.versions
