@@ -6,16 +6,21 @@
 Loss (Bradley-Terry, Ouyang et al. 2022; margin from Llama 2, Touvron et al. 2023):
     loss = -log sigmoid(r_chosen - r_rejected - margin),  margin = agreement_margin * annotator_agreement
 
-What makes it fast on a CPU with AMX, all within TRL's RewardTrainer: bf16 base weights (TRL's
-default loads fp32 and autocasts, copying every weight to bf16 on every forward), no gradient
-checkpointing (the small models this runs fit; TRL's default recomputes every activation), and
-length-grouped batches so chosen/rejected sequences of similar length share a padded batch.
+What makes it fast, all within TRL's RewardTrainer:
+- shared prompt prefix: chosen and rejected share their prompt (with a chat template's system
+  prompt, often half the tokens), so each pair's common prefix is run once and its KV cache serves
+  both responses; with causal attention this is exactly the full-sequence computation;
+- bf16 base weights (TRL's default loads fp32 and autocasts, copying every weight on every forward);
+- no gradient checkpointing (the small models this runs fit; TRL's default recomputes activations);
+- length-grouped batches, so pairs of similar length share a padded batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ from datasets import Dataset
 from pydantic import Field
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
+from trl.data_utils import common_prefix_length
 
 from alignment.config import StrictModel
 from alignment.models import load_causal_lm, load_tokenizer
@@ -52,6 +58,7 @@ class RewardSettings(StrictModel):
         None, ge=0, description="Pull rewards towards zero mean (Eisenstein et al. 2023); e.g. 0.01."
     )
     group_by_length: bool = Field(True, description="Batch pairs of similar length together: less padding.")
+    shared_prefix: bool = Field(True, description="Run each pair's common prompt prefix once for both sides.")
     eval_batch_size: int = Field(32, ge=1, description="Batch size of the post-training evaluation scorer.")
 
 
@@ -61,8 +68,103 @@ class RewardRunConfig(RunConfig):
     reward: RewardSettings = Field(default_factory=RewardSettings)
 
 
+@dataclass
+class SharedPrefixCollator:
+    """Pairs -> their common token prefix (once per pair) and the two suffixes (chosen then rejected).
+
+    Both are right-padded: suffix tokens attend to the prefix cache through the attention mask and
+    take explicit position ids, so padding inside the prefix never shifts a position.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prefixes, suffixes = [], []
+        for ex in examples:
+            chosen, rejected = ex["chosen_ids"], ex["rejected_ids"]
+            # Keep at least one token per side: the reward is read at the last one.
+            n = min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
+            prefixes.append(chosen[:n])
+            suffixes.append((chosen[n:], rejected[n:]))
+        ordered = [c for c, _ in suffixes] + [
+            r for _, r in suffixes
+        ]  # TRL's order: chosen half, rejected half
+        prefix_ids, prefix_mask = self._pad(prefixes)
+        input_ids, attention_mask = self._pad(ordered)
+        batch = {
+            "prefix_ids": prefix_ids,
+            "prefix_attention_mask": prefix_mask,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+        }
+        if "margin" in examples[0]:
+            batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float)
+        return batch
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, *map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, : len(seq)] = 1
+        return ids, mask
+
+
+def shared_prefix_forward(
+    model: torch.nn.Module,
+    prefix_ids: torch.Tensor,
+    prefix_attention_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    **kwargs: Any,
+) -> Any:
+    """Rewards of prefix + suffix sequences, with each prefix computed once for its two suffixes."""
+    kwargs.pop("use_cache", None)
+    kwargs.pop("margin", None)
+    prefix_len = prefix_attention_mask.sum(-1)
+    prefix_out = model(
+        input_ids=prefix_ids,
+        attention_mask=prefix_attention_mask,
+        position_ids=torch.arange(prefix_ids.shape[1], device=prefix_ids.device).expand_as(prefix_ids),
+        use_cache=True,
+    )
+    cache = prefix_out.past_key_values
+    cache.batch_repeat_interleave(2)  # [p0, p0, p1, p1, ...]: one copy per side, gradients flow to both
+    batch = prefix_ids.shape[0]
+    # Suffixes come chosen-half then rejected-half; interleave them to match the cache rows.
+    interleave = torch.arange(2 * batch, device=input_ids.device).view(2, batch).t().reshape(-1)
+    suffix_ids, suffix_mask = input_ids[interleave], attention_mask[interleave]
+    positions = prefix_len.repeat_interleave(2)[:, None] + torch.arange(
+        suffix_ids.shape[1], device=input_ids.device
+    )
+    out = model(
+        input_ids=suffix_ids,
+        attention_mask=torch.cat([prefix_attention_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=False,
+    )
+    # Back to TRL's layout (chosen half, rejected half) for its loss and metrics.
+    out.logits = out.logits.view(batch, 2, -1).transpose(0, 1).reshape(2 * batch, -1)
+    out.past_key_values = None
+    return out
+
+
 class PrefloopRewardTrainer(RewardTrainer):
-    """TRL's RewardTrainer plus a `length` column, so HF's length-grouped sampler can batch similar pairs."""
+    """TRL's RewardTrainer plus a `length` column (for HF's length-grouped sampler) and the
+    shared-prefix forward when the batch comes from `SharedPrefixCollator`."""
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        if "prefix_ids" in inputs:
+            prefix = {
+                "prefix_ids": inputs.pop("prefix_ids"),
+                "prefix_attention_mask": inputs.pop("prefix_attention_mask"),
+            }
+            model = partial(shared_prefix_forward, model, **prefix)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -120,9 +222,11 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
     )
     peft_config = lora_config(config.lora, task_type="SEQ_CLS")
     peft_config.modules_to_save = ["score"]  # the randomly initialised head must be trained and saved
+    collator = SharedPrefixCollator(tokenizer.pad_token_id) if config.reward.shared_prefix else None
     trainer = PrefloopRewardTrainer(
         model=reward_model(config),
         args=args,
+        data_collator=collator,
         train_dataset=train,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
