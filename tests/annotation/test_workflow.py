@@ -189,3 +189,41 @@ def test_dataset_is_created_from_the_declared_settings(team, dataset_settings) -
     assert [f.name for f in dataset.settings.fields] == ["conversation", "response_a", "response_b"]
     assert dataset.settings.distribution.min_submitted == 3
     assert dataset.settings.guidelines == "Be fair."
+
+
+def test_cli_push_progress_pull_through_url_and_key(team, dataset_settings, tmp_path, monkeypatch) -> None:
+    """The client commands against a server known only by URL + API key (as a remote one would be)."""
+    from typer.testing import CliRunner
+
+    from annotation.cli import annotate_app
+
+    monkeypatch.setenv("ARGILLA_API_URL", team["conn"].url)
+    monkeypatch.setenv("ARGILLA_API_KEY", team["conn"].api_key)
+    pairs_file = tmp_path / "feedback.jsonl"
+    rows = [
+        {"prompt": f"Tell me fact {i}.", "chosen": f"Fact {i} is true.", "rejected": f"No idea about {i}."}
+        for i in range(3)
+    ]
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = ["--set", f"dataset.name={dataset_settings.name}", "--set", "dataset.workspace=tests"]
+    runner = CliRunner()
+
+    pushed = runner.invoke(annotate_app, ["push", "--pairs", str(pairs_file), *opts])
+    assert pushed.exit_code == 0, pushed.output
+    assert f"pushed 3 records to tests/{dataset_settings.name}" in pushed.output
+
+    ann = annotators(team, dataset_settings)
+    first = record_id(
+        CandidatePair([{"role": "user", "content": "Tell me fact 0."}], "Fact 0 is true.", "No idea about 0.")
+    )
+    ann["ann1"].vote(first, "a")
+    ann["ann2"].vote(first, "a")
+
+    progress = runner.invoke(annotate_app, ["progress", *opts])
+    assert progress.exit_code == 0, progress.output
+    assert "1/3 completed, 2 pending" in progress.output and "ann1-wf" in progress.output
+
+    pulled = runner.invoke(annotate_app, ["pull", "--output-dir", str(tmp_path / "out"), *opts])
+    assert pulled.exit_code == 0, pulled.output
+    assert "wrote 1 pairs" in pulled.output
+    assert (tmp_path / "out" / dataset_settings.name / "v1" / "preferences.jsonl").is_file()
