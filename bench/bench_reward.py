@@ -64,6 +64,7 @@ def trl_default_trainer(args: argparse.Namespace, out: Path, train: object, toke
         disable_tqdm=True,
         max_length=256,
         seed=42,
+        use_cpu=True,  # HF refuses bf16 autocast on CPU unless told the CPU is intended
     )
     lora = LoraConfig(
         r=16,

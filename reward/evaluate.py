@@ -7,7 +7,8 @@ For each model (base + optional LoRA adapter) we sample one response per prompt 
   KL(pi || pi_ref) ~= E_{y ~ pi} [ (1/|y|) sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) ],
 - for adapter models given a preference eval set, the DPO implicit-reward accuracy
   r(x, y) = beta * log pi(y|x) / pi_ref(y|x),  accuracy = P[r(x, y_chosen) > r(x, y_rejected)].
-The reference is the base model with the adapter disabled, so it never needs a second copy in memory.
+The reference is the base model with the adapter disabled (no second copy in memory), or an explicit
+reference model - e.g. the SFT adapter a DPO adapter started from.
 
 `compare_models` is the Python entry point (the serving loop's promotion gate calls it);
 `run_eval(EvalConfig)` adds loading from files and writes eval.json + eval.png.
@@ -70,6 +71,9 @@ class SamplingSettings(StrictModel):
 class EvalConfig(StrictModel):
     candidate: ModelSpec
     baseline: ModelSpec = Field(default_factory=ModelSpec, description="Default: the candidate's base model.")
+    reference: ModelSpec | None = Field(
+        None, description="Policy KL and implicit rewards are measured against (default: adapter disabled)."
+    )
     reward_model: Path = Field(..., description="Reward model directory (from `prefloop train reward`).")
     prompts: Path = Field(
         EXAMPLE_PREFERENCES, description="Preference, conversation or prompt JSONL/dataset."
@@ -174,9 +178,13 @@ def sequence_logprobs(
 
 
 @contextlib.contextmanager
-def reference_of(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The reference policy: the same weights with the LoRA adapter switched off (no second copy)."""
-    if hasattr(model, "disable_adapter"):
+def reference_of(
+    model: torch.nn.Module, reference: torch.nn.Module | None = None
+) -> Iterator[torch.nn.Module]:
+    """The reference policy: an explicit one, else the same weights with the LoRA adapter switched off."""
+    if reference is not None:
+        yield reference
+    elif hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
     else:
@@ -191,7 +199,12 @@ def mean_kl(policy_logps: list[np.ndarray], reference_logps: list[np.ndarray]) -
 
 
 def implicit_reward_accuracy(
-    model: torch.nn.Module, tokenizer: Any, pairs: list[dict[str, Any]], beta: float, batch_size: int
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: list[dict[str, Any]],
+    beta: float,
+    batch_size: int,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """DPO's implicit reward r = beta * log(pi / pi_ref) ranks held-out chosen above rejected how often?"""
 
@@ -208,9 +221,9 @@ def implicit_reward_accuracy(
             prompt_ids.append(prompt)
             response_ids.append(full[len(prompt) :])
     policy = sequence_logprobs(model, prompt_ids, response_ids, batch_size)
-    with reference_of(model) as ref:
-        reference = sequence_logprobs(ref, prompt_ids, response_ids, batch_size)
-    rewards = np.array([beta * float(np.sum(p - q)) for p, q in zip(policy, reference, strict=True)])
+    with reference_of(model, reference) as ref:
+        reference_logps = sequence_logprobs(ref, prompt_ids, response_ids, batch_size)
+    rewards = np.array([beta * float(np.sum(p - q)) for p, q in zip(policy, reference_logps, strict=True)])
     n = len(pairs)
     margins = rewards[:n] - rewards[n:]
     return {
@@ -235,6 +248,7 @@ def evaluate_policy(
     plan: DevicePlan,
     preference_pairs: list[dict[str, Any]] | None = None,
     beta: float = 0.1,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Sample, score, and measure one model; returns summary numbers plus per-prompt rewards."""
     tokenizer = load_tokenizer(spec.base)
@@ -242,9 +256,10 @@ def evaluate_policy(
     prompt_ids, response_ids = sample_responses(model, tokenizer, prompts, sampling)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_ids]
     rewards = scorer(prompts, texts)
-    if spec.adapter is not None:
+    has_reference = spec.adapter is not None or reference is not None
+    if has_reference:
         policy = sequence_logprobs(model, prompt_ids, response_ids, sampling.batch_size)
-        with reference_of(model) as ref:
+        with reference_of(model, reference) as ref:
             kl = mean_kl(policy, sequence_logprobs(ref, prompt_ids, response_ids, sampling.batch_size))
     else:
         kl = 0.0  # the base model is its own reference
@@ -259,8 +274,10 @@ def evaluate_policy(
             {"prompt": p[-1]["content"], "response": t} for p, t in zip(prompts[:3], texts[:3], strict=False)
         ],
     }
-    if preference_pairs and spec.adapter is not None:
-        result.update(implicit_reward_accuracy(model, tokenizer, preference_pairs, beta, sampling.batch_size))
+    if preference_pairs and has_reference:
+        result.update(
+            implicit_reward_accuracy(model, tokenizer, preference_pairs, beta, sampling.batch_size, reference)
+        )
     del model
     return result
 
@@ -275,12 +292,17 @@ def compare_models(
     beta: float = 0.1,
     plan: DevicePlan | None = None,
     tie_tolerance: float = 1e-3,
+    reference: ModelSpec | None = None,
 ) -> dict[str, Any]:
-    """Win rate of candidate over baseline on the same prompts, plus each model's reward, KL and length."""
+    """Win rate of candidate over baseline on the same prompts, plus each model's reward, KL and length.
+
+    KL and implicit rewards are against `reference` when given, else each model's adapter-disabled base.
+    """
     sampling = sampling or SamplingSettings()
     plan = plan or plan_device()
-    cand = evaluate_policy(candidate, prompts, scorer, sampling, plan, preference_pairs, beta)
-    base = evaluate_policy(baseline, prompts, scorer, sampling, plan, preference_pairs, beta)
+    ref = load_with_adapter(reference.base, reference.adapter, plan).eval() if reference else None
+    cand = evaluate_policy(candidate, prompts, scorer, sampling, plan, preference_pairs, beta, ref)
+    base = evaluate_policy(baseline, prompts, scorer, sampling, plan, preference_pairs, beta, ref)
     diff = np.array(cand["rewards"]) - np.array(base["rewards"])
     wins, ties = int(np.sum(diff > tie_tolerance)), int(np.sum(np.abs(diff) <= tie_tolerance))
     return {

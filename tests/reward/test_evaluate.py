@@ -112,3 +112,13 @@ def test_reward_score_cli_single_pair_file_and_bad_input(trained: tuple, tmp_pat
     bad = runner.invoke(app, ["reward", "score", str(trained[0]), "--input", str(rows)])
     assert bad.exit_code == 2
     assert "rows.jsonl:1: row needs 'response'" in bad.output
+
+
+def test_explicit_reference_is_used_for_kl(tiny_model: Path, trained: tuple, random_adapter: Path) -> None:
+    scorer = RewardScorer.from_pretrained(trained[0])
+    candidate = ModelSpec(adapter=random_adapter)
+    result = compare_models(
+        candidate, ModelSpec(model=str(tiny_model)), scorer, PROMPTS, SAMPLING, reference=candidate
+    )
+    assert result["candidate"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # its own reference
+    assert result["baseline"]["kl_to_reference"] != 0.0  # the base measured against the adapter model
