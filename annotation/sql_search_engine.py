@@ -148,9 +148,7 @@ def _json_text(column: Any, path: list[str]) -> ColumnElement:
 
 
 def _json_number(column: Any, path: list[str]) -> ColumnElement:
-    if _dialect() == "sqlite":
-        return cast(func.json_extract(column, _sqlite_path(path)), Float)
-    return cast(column.op("#>>")(cast(path, ARRAY(Text))), Float)
+    return cast(_json_text(column, path), Float)
 
 
 def _json_any_in(column: Any, path: list[str], values: list[Any]) -> ColumnElement:
