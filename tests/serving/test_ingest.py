@@ -5,18 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from alignment.preference_data import load_preference_rows
 from serving import feedback_store as fs
 from serving.ingest import ingest
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    store = fs.FeedbackStore(f"sqlite:///{tmp_path / 'store.db'}")
-    yield store
-    store.close()
 
 
 def add_completions(store, prompt: str, responses: list[str]) -> list[str]:

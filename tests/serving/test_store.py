@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from serving import feedback_store as fs
 from serving.registry import ModelRegistry, RegistryError
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-    else:
-        server_url = fs.normalize_url(request.getfixturevalue("postgres_url"))
-        name = f"t_{uuid.uuid4().hex[:12]}"  # a fresh database per test
-        admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f"CREATE DATABASE {name}"))
-        admin.dispose()
-        url = server_url.replace("/postgres?", f"/{name}?", 1)
-    store = fs.FeedbackStore(url)
-    yield store
-    store.close()
 
 
 def _completion(cid: str, prompt: str = "hi", response: str = "hello") -> fs.Completion:
