@@ -180,6 +180,20 @@ def add_completion_lm_head(model: PreTrainedModel) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def keep_activations_in_autocast_dtype(model: torch.nn.Module) -> None:
+    """Stop PEFT from casting every LoRA input to the adapter's fp32.
+
+    Under bf16 autocast the LoRA matmuls run in bf16 anyway, so that cast is a copy of the activations
+    that autocast undoes at once - twice per adapted layer per forward, and again in the backward.
+    The profile of a DPO step showed these copies at ~20% of the time; the numbers are unchanged.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 # --- trainer ----------------------------------------------------------------------------------------
 
 
@@ -204,6 +218,8 @@ class PrefloopDPOTrainer(DPOTrainer):
         add_completion_lm_head(
             self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         )
+        if self.args.bf16:
+            keep_activations_in_autocast_dtype(self.model)
         if precompute:
             self.precompute_ref_logps = True
             batch = dpo_args.precompute_ref_batch_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,18 +13,32 @@ import torch
 from typer.testing import CliRunner
 
 from alignment.config import ConfigError, load_config
+from alignment.data_files import write_jsonl
 from alignment.dpo import DPORunConfig, build_dpo_trainer, completion_log_probs, train_dpo
-from alignment.preference_data import EXAMPLE_PREFERENCES
+from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
 
 
-def dpo_config(tiny_model: Path, tmp_path: Path, *overrides: str) -> DPORunConfig:
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """64 training and 16 held-out bundled house-style pairs, and a reference cache shared by the module."""
+    root = tmp_path_factory.mktemp("pairs")
+    rows = load_preference_rows(EXAMPLE_PREFERENCES)
+    write_jsonl(root / "train.jsonl", rows[:64])
+    write_jsonl(root / "eval.jsonl", rows[64:80])
+    return root / "train.jsonl", root / "eval.jsonl", root / "ref-cache"
+
+
+def dpo_config(
+    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path], *overrides: str
+) -> DPORunConfig:
+    train, eval_, cache = pairs
     return load_config(
         DPORunConfig,
         overrides=[
             f"model={tiny_model}",
             f"output_dir={tmp_path / 'dpo'}",
-            f"data.train={EXAMPLE_PREFERENCES}",
-            "data.eval_fraction=0.2",
+            f"data.train={train}",
+            f"data.eval={eval_}",
             "data.max_length=96",
             "training.batch_size=8",
             "training.eval_batch_size=16",
@@ -33,7 +48,7 @@ def dpo_config(tiny_model: Path, tmp_path: Path, *overrides: str) -> DPORunConfi
             "training.lr_scheduler=constant",
             "lora.dropout=0.0",
             "tracking.report_to=none",
-            f"dpo.reference_cache_dir={tmp_path / 'ref-cache'}",
+            f"dpo.reference_cache_dir={cache}",
             *overrides,
         ],
     )
@@ -74,9 +89,9 @@ def count_backbone_forwards() -> Iterator[list[int]]:
 
 
 def test_dpo_from_sft_adapter_raises_margin_and_heldout_accuracy(
-    tiny_model: Path, sft_adapter: Path, tmp_path: Path
+    tiny_model: Path, sft_adapter: Path, tmp_path: Path, pairs: tuple[Path, Path, Path]
 ) -> None:
-    cfg = dpo_config(tiny_model, tmp_path, f"init_adapter={sft_adapter}")
+    cfg = dpo_config(tiny_model, tmp_path, pairs, f"init_adapter={sft_adapter}")
     trainer = build_dpo_trainer(cfg)
     peft_model = trainer.model
     # The reference is the frozen SFT adapter, loaded as a second adapter on the same base weights.
@@ -95,23 +110,15 @@ def test_dpo_from_sft_adapter_raises_margin_and_heldout_accuracy(
     assert train_logs[-1]["rewards/margins"] > train_logs[0]["rewards/margins"]
 
 
-def test_train_dpo_writes_adapter_card_and_metrics(tiny_model: Path, tmp_path: Path) -> None:
-    cfg = dpo_config(tiny_model, tmp_path, "training.max_steps=2", "dpo.loss_type=[ipo]")
-    metrics = train_dpo(cfg)
-    out = cfg.output_dir
-    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    assert "dpo" in (out / "README.md").read_text()
-    assert json.loads((out / "metrics.json").read_text())["train_runtime"] == metrics["train_runtime"]
-    assert "eval_rewards/accuracies" in metrics
-
-
-def test_reference_logps_are_cached_and_reused(tiny_model: Path, tmp_path: Path) -> None:
-    cfg = dpo_config(tiny_model, tmp_path)
+def test_reference_logps_are_cached_and_reused(
+    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path]
+) -> None:
+    cfg = dpo_config(tiny_model, tmp_path, pairs)
     with count_backbone_forwards() as first:
         trainer = build_dpo_trainer(cfg)
-    assert first[0] > 0  # train and eval reference forwards
+    # One reference forward per batch of 16 pairs, train and eval; none during training.
+    assert first[0] == math.ceil(len(trainer.train_dataset) / 16) + math.ceil(len(trainer.eval_dataset) / 16)
     cached = trainer.train_dataset["ref_chosen_logps"]
-    assert len(list((tmp_path / "ref-cache").glob("*.safetensors"))) == 2
 
     with count_backbone_forwards() as second:
         again = build_dpo_trainer(cfg)
@@ -120,7 +127,7 @@ def test_reference_logps_are_cached_and_reused(tiny_model: Path, tmp_path: Path)
 
     # Another reference (a different max_length truncates differently) is a miss, not a stale hit.
     with count_backbone_forwards() as third:
-        build_dpo_trainer(dpo_config(tiny_model, tmp_path, "data.max_length=64"))
+        build_dpo_trainer(dpo_config(tiny_model, tmp_path, pairs, "data.max_length=64"))
     assert third[0] > 0
 
     # The cached values are the reference's: with a fresh LoRA (B = 0) the policy equals the reference.
@@ -128,6 +135,18 @@ def test_reference_logps_are_cached_and_reused(tiny_model: Path, tmp_path: Path)
     with torch.no_grad():
         policy_chosen, _ = trainer.compute_ref_log_probs(trainer.model, batch)
     torch.testing.assert_close(policy_chosen.float(), batch["ref_chosen_logps"].float(), atol=1e-3, rtol=1e-4)
+
+
+def test_train_dpo_writes_adapter_card_and_metrics(
+    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path]
+) -> None:
+    cfg = dpo_config(tiny_model, tmp_path, pairs, "training.max_steps=2", "dpo.loss_type=[ipo]")
+    metrics = train_dpo(cfg)
+    out = cfg.output_dir
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert "dpo" in (out / "README.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["train_runtime"] == metrics["train_runtime"]
+    assert "eval_rewards/accuracies" in metrics
 
 
 def test_completion_log_probs_match_log_softmax() -> None:
@@ -143,7 +162,9 @@ def test_completion_log_probs_match_log_softmax() -> None:
     assert torch.equal(is_top1, logits.argmax(-1) == targets)
 
 
-def test_losses_match_trl_dpo_trainer(tiny_model: Path, tmp_path: Path) -> None:
+def test_losses_match_trl_dpo_trainer(
+    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path]
+) -> None:
     """Same data, batches and LoRA init: TRL's stock trainer (fp32, reference forward every step) and
     prefloop's (bf16 weights, cached reference, completion-only head) log the same losses."""
     from peft import LoraConfig
@@ -153,7 +174,7 @@ def test_losses_match_trl_dpo_trainer(tiny_model: Path, tmp_path: Path) -> None:
     from alignment.models import load_causal_lm, load_tokenizer
 
     cfg = dpo_config(
-        tiny_model, tmp_path, "training.max_steps=3", "training.logging_steps=1", "training.dtype=bf16"
+        tiny_model, tmp_path, pairs, "training.max_steps=3", "training.logging_steps=1", "training.dtype=bf16"
     )
     ours = build_dpo_trainer(cfg)
     ours.train()
