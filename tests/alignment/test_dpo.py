@@ -20,11 +20,11 @@ from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """64 training and 16 held-out bundled house-style pairs, and a reference cache shared by the module."""
+    """48 training and 16 held-out bundled house-style pairs, and a reference cache shared by the module."""
     root = tmp_path_factory.mktemp("pairs")
     rows = load_preference_rows(EXAMPLE_PREFERENCES)
-    write_jsonl(root / "train.jsonl", rows[:64])
-    write_jsonl(root / "eval.jsonl", rows[64:80])
+    write_jsonl(root / "train.jsonl", rows[:48])
+    write_jsonl(root / "eval.jsonl", rows[48:64])
     return root / "train.jsonl", root / "eval.jsonl", root / "ref-cache"
 
 
@@ -43,7 +43,7 @@ def dpo_config(
             "training.batch_size=8",
             "training.eval_batch_size=16",
             "training.learning_rate=2e-3",
-            "training.max_steps=12",
+            "training.max_steps=8",
             "training.logging_steps=4",
             "training.lr_scheduler=constant",
             "lora.dropout=0.0",
@@ -174,13 +174,19 @@ def test_losses_match_trl_dpo_trainer(
     from alignment.models import load_causal_lm, load_tokenizer
 
     cfg = dpo_config(
-        tiny_model, tmp_path, pairs, "training.max_steps=3", "training.logging_steps=1", "training.dtype=bf16"
+        tiny_model,
+        tmp_path,
+        pairs,
+        "training.batch_size=4",
+        "training.max_steps=3",
+        "training.logging_steps=1",
+        "training.dtype=bf16",
     )
     ours = build_dpo_trainer(cfg)
     ours.train()
     trl_args = DPOConfig(
         output_dir=str(tmp_path / "trl"),
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=4,
         learning_rate=2e-3,
         lr_scheduler_type="constant",
         max_steps=3,

@@ -16,7 +16,7 @@ from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
 def feedback_rows() -> list[dict]:
     """Thumbs from the bundled pairs: house-style answers up, plain answers down, unpaired and shuffled."""
     rows = []
-    for i, pair in enumerate(load_preference_rows(EXAMPLE_PREFERENCES)[:40]):
+    for i, pair in enumerate(load_preference_rows(EXAMPLE_PREFERENCES)[:30]):
         side, label = ("chosen", True) if i % 3 else ("rejected", False)
         rows.append({"prompt": pair["prompt"], "completion": pair[side], "label": label})
     return rows
@@ -34,7 +34,7 @@ def test_kto_trains_and_saves(tiny_model: Path, tmp_path: Path) -> None:
             "data.eval_fraction=0.2",
             "data.max_length=96",
             "training.batch_size=8",
-            "training.max_steps=3",
+            "training.max_steps=2",
             "training.logging_steps=1",
             "training.learning_rate=1e-3",
             "tracking.report_to=none",
