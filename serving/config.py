@@ -96,7 +96,7 @@ class GateSettings(StrictModel):
     max_kl: float | None = Field(None, ge=0, description="Upper bound on KL(candidate || current) per token.")
     max_length_ratio: float | None = Field(2.0, gt=0, description="Candidate / current mean response length.")
     min_regression_pass_rate: float | None = Field(
-        None, ge=0, le=1, description="Share of the fixed regression prompts the candidate must pass."
+        None, ge=0, le=1, description="Share of regression prompts where the candidate must score no worse."
     )
 
 

@@ -295,6 +295,8 @@ def reward_evaluator(
             "length_ratio": ours["mean_length"] / max(theirs["mean_length"], 1e-9),
             "reward_candidate": ours["mean_reward"],
             "reward_current": theirs["mean_reward"],
+            # A regression prompt passes when the candidate's answer scores no worse than the current one's.
+            "regression_pass_rate": (result["wins"] + result["ties"]) / result["prompts"],
             **{k: result[k] for k in ("prompts", "wins", "ties", "losses")},
         }
 

@@ -146,6 +146,8 @@ def test_full_loop_promotes_and_hot_swaps_without_failed_requests(server, client
     assert (Path(version.adapter_path) / "adapter_config.json").is_file()
     assert version.status == "promoted" and version.promoted_at is not None
     assert 0.0 <= version.eval_result["win_rate"] <= 1.0 and version.eval_result["prompts"] == 12
+    assert version.eval_result["regression_pass_rate"] >= version.eval_result["wins"] / 12
+    assert (tmp_path / "runs" / "v0001" / "eval" / "eval.json").is_file()
     assert version.config["algorithm"] == "dpo"
 
     # Nothing new since v0001 was trained: the trigger does not fire again.
