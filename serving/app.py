@@ -8,6 +8,7 @@ exception with a readable message.
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -270,7 +271,7 @@ def client_key(request: Request, credentials: Credentials) -> str:
     allowed = settings.auth.client_keys() | ({settings.auth.admin()} - {None})
     if key is None and settings.auth.allow_anonymous:
         key = "anonymous"
-    elif key not in allowed:
+    elif key is None or not any(secrets.compare_digest(key, k) for k in allowed):  # constant-time
         message = "missing API key (Authorization: Bearer ...)" if key is None else "invalid API key"
         raise APIError(401, message, "authentication_error", code="invalid_api_key")
     if not request.app.state.limiter.allow(key):
@@ -284,7 +285,7 @@ def admin_key(request: Request, credentials: Credentials) -> str:
     expected = request.app.state.settings.auth.admin()
     if expected is None:
         raise APIError(403, "admin endpoints are disabled: no admin key configured", "permission_error")
-    if credentials is None or credentials.credentials != expected:
+    if credentials is None or not secrets.compare_digest(credentials.credentials, expected):
         raise APIError(
             401, "admin endpoints need the admin key", "authentication_error", code="invalid_api_key"
         )
@@ -332,7 +333,10 @@ def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.Feedba
             previous = engine.swap(CURRENT_ALIAS, None)
         else:
             previous = engine.swap(CURRENT_ALIAS, version.id, version.adapter_path)
-        return {"current": version.id if version else None, "previous": previous}
+        return {
+            "current": version.id if version else None,
+            "previous": engine.version_of(previous) if previous else None,
+        }
 
     for name, path in settings.adapters.items():
         engine.load_adapter(name, path)
