@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import ray
 import ray.train
+import torch
 import torch.distributed as dist
 from ray.train import (
     Checkpoint,
@@ -158,11 +160,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # Ray moves workers into its run dir; relative paths in the config mean the driver's cwd.
     with contextlib.suppress(OSError):
         os.chdir(loop_config["cwd"])
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     # Fresh heads (a reward model's score layer, LoRA A) are drawn before the HF Trainer seeds anything:
     # seed first, so 1 and N workers start from the same weights.
     set_seed(config.training.seed)
+    # One worker per node builds first, filling the node's caches (dataset maps, DPO's precomputed
+    # reference log-probs); the others then read them instead of racing to write the same files.
+    first_on_node = context.get_local_rank() == 0
+    if not first_on_node:
+        dist.barrier()
     trainer = prepare_trainer(use_rich_progress(build_trainer(config)))
+    if first_on_node:
+        dist.barrier()
     trainer.add_callback(ReportCheckpointCallback())
 
     restored = ray.train.get_checkpoint()
@@ -191,6 +201,13 @@ def run_on_ray(config: C, build_trainer: Callable[[C], Trainer]) -> dict[str, An
     Afterwards output_dir holds the adapter and tokenizer (as after a local run) and `ray/` with
     Ray's checkpoints; `run_training` adds the model card, config and metrics.
     """
+    return fit_on_ray(config, train_worker, {"build_trainer": build_trainer})
+
+
+def fit_on_ray(
+    config: PrefloopRunConfig, train_fn: Callable[[dict], None], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Run `train_fn` on the configured workers; unpack the final checkpoint into output_dir."""
     settings = config.distributed
     # Workers may run elsewhere and in another cwd: give them absolute paths.
     config = config.model_copy(update={"output_dir": config.output_dir.absolute()})
@@ -203,8 +220,8 @@ def run_on_ray(config: C, build_trainer: Callable[[C], Trainer]) -> dict[str, An
     if not config.resume:
         forget_previous_run(storage, name)
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": config, "build_trainer": build_trainer, "cwd": os.getcwd()},
+        train_fn,
+        train_loop_config={"config": config, "cwd": os.getcwd(), **extra},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
@@ -221,3 +238,119 @@ def run_on_ray(config: C, build_trainer: Callable[[C], Trainer]) -> dict[str, An
     with result.checkpoint.as_directory() as checkpoint_dir:
         shutil.copytree(Path(checkpoint_dir) / FINAL, config.output_dir, dirs_exist_ok=True)
     return dict(result.metrics)
+
+
+# --- PPO: data-parallel --------------------------------------------------------------------------------
+#
+# PPO is prefloop's own loop (alignment/ppo.py), not an HF Trainer. Each worker holds the whole PPO
+# stack (policy LoRA, reference = the same weights with the adapter off, critic, reward function) and
+# takes 1/N of every rollout batch: it generates, scores and computes advantages for its slice, and the
+# gradients of every trainable weight are averaged across workers inside backward (per-parameter hooks),
+# so every worker applies the same clipped update and the replicas never drift apart.
+#
+# Why not OpenRLHF's split (rollout / reward / reference / critic as separate Ray actors)? With LoRA,
+# policy, reference and a shared-trunk critic are one set of base weights; splitting them into actors
+# means a full copy of the base per actor and shipping the adapter to the rollout actor after every
+# update. That pays off when generation wants its own GPUs (vLLM) and the models are large; on the
+# CPU machines and small models prefloop targets first, data parallelism is the faster and simpler
+# choice. The phase functions in alignment/ppo.py are already separate, so the split can be added.
+
+
+def average_gradients_in_backward(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """All-reduce each gradient as soon as backward has produced it, so clipping sees the global gradient."""
+
+    def hook(param: torch.nn.Parameter) -> None:
+        dist.all_reduce(param.grad)
+        param.grad /= world_size
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(hook)
+
+
+def _mean_across_workers(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def ppo_worker(loop_config: dict[str, Any]) -> None:
+    from alignment.ppo import build_ppo_trainer, total_steps
+
+    config = loop_config["config"]
+    reward_fn = loop_config["reward_fn"]
+    with contextlib.suppress(OSError):
+        os.chdir(loop_config["cwd"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # Each worker runs the one-process PPO on its share of every batch.
+    ppo = config.ppo.model_copy(
+        update={
+            "rollout_batch_size": config.ppo.rollout_batch_size // world,
+            "mini_batch_size": config.ppo.mini_batch_size // world,
+        }
+    )
+    local = config.model_copy(update={"ppo": ppo, "distributed": DistributedSettings(), "resume": False})
+    trainer, prompts, prompt_ids = build_ppo_trainer(local, reward_fn)
+    params = [p for m in (trainer.policy, trainer.critic) for p in m.parameters() if p.requires_grad]
+    for param in params:  # identical starting weights, whatever each worker's RNG did
+        dist.broadcast(param.data, src=0)
+    average_gradients_in_backward(params, world)
+    torch.manual_seed(config.training.seed + rank)  # ...but different samples on each worker
+
+    steps = total_steps(config, len(prompts))
+    rng = random.Random(config.training.seed)  # the same prompt order on every worker
+    order: list[int] = []
+    global_batch = config.ppo.rollout_batch_size
+    for _ in range(steps):
+        while len(order) < global_batch:
+            epoch = list(range(len(prompts)))
+            rng.shuffle(epoch)
+            order += epoch
+        batch, order = order[:global_batch][rank::world], order[global_batch:]
+        stats = trainer.step([prompts[i] for i in batch], [prompt_ids[i] for i in batch])
+        # Logged statistics are global means, and every worker keeps the same adaptive KL coefficient.
+        stats = _mean_across_workers(stats)
+        trainer.kl_ctl.value = stats["objective/kl_coef"]
+        trainer.history[-1] = stats
+        ray.train.report(metrics=stats)
+    # Replicas that drifted apart would mean the gradient averaging is broken: measure, never assume.
+    checksum = torch.tensor([sum(p.detach().double().sum().item() for p in params)], dtype=torch.float64)
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            trainer.save(Path(tmp) / FINAL)
+            (Path(tmp) / FINAL / "ppo_log.jsonl").write_text(
+                "".join(json.dumps({"step": i, **h}) + "\n" for i, h in enumerate(trainer.history, 1))
+            )
+        ray.train.report(
+            metrics={
+                "steps": len(trainer.history),
+                "ray_workers": world,
+                "replica_spread": (high - low).item(),
+            },
+            checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None,
+        )
+
+
+def run_ppo_on_ray(
+    config: Any, reward_fn: Callable[[list, list[str]], list[float]]
+) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Data-parallel PPO on `config.distributed.num_workers` workers: (per-step statistics, run metrics).
+
+    `rollout_batch_size` and `mini_batch_size` stay global: each worker takes 1/N of both. Output_dir
+    gets what a local run saves (policy adapter, tokenizer, value head) and `ppo_log.jsonl`; the
+    reward function is pickled to every worker.
+    """
+    world = config.distributed.num_workers
+    for field in ("rollout_batch_size", "mini_batch_size"):
+        if getattr(config.ppo, field) % world:
+            raise ConfigError(
+                f"ppo.{field}={getattr(config.ppo, field)} must be a multiple of "
+                f"distributed.num_workers={world} (each worker takes an equal share)"
+            )
+    metrics = fit_on_ray(config, ppo_worker, {"reward_fn": reward_fn})
+    log_path = config.output_dir / "ppo_log.jsonl"
+    return [json.loads(line) for line in log_path.read_text().splitlines()], metrics

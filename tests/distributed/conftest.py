@@ -52,3 +52,22 @@ def crashing(build_trainer: Callable[[Any], Trainer], step: int, marker: Path) -
         return trainer
 
     return build
+
+
+def assert_adapters_agree(run_a: Path, run_b: Path) -> None:
+    """Both saved adapters load (base named in their config) and give the same logits on a probe."""
+    import torch
+
+    from alignment.models import adapter_base_model, load_tokenizer, load_with_adapter
+
+    tokenizer = load_tokenizer(adapter_base_model(run_b))
+    ids = tokenizer("Ahoy! The capital of Peru is Lima.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits_a = load_with_adapter(None, run_a).eval()(ids).logits
+        logits_b = load_with_adapter(None, run_b).eval()(ids).logits
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-3, rtol=1e-3)
+
+
+def shorter_is_better(prompts: list, responses: list[str]) -> list[float]:
+    """A program reward for PPO tests: pickled to the Ray workers with this module."""
+    return [-len(response) / 20 for response in responses]

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from alignment.config import load_config
 from alignment.distributed import ResourceError, run_on_ray
-from alignment.models import load_tokenizer, load_with_adapter
 from alignment.sft import SFTRunConfig, build_sft_trainer, train_sft
-from tests.distributed.conftest import crashing, sft_rows
+from tests.distributed.conftest import assert_adapters_agree, crashing, sft_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -50,7 +49,14 @@ def test_two_workers_shard_the_data_and_match_one_worker_on_the_same_global_batc
     # One epoch over 16 rows with a global batch of 4: 4 optimizer steps either way. Without
     # sharding, each of the two workers would walk all 16 rows and take 8 steps.
     one = ray_sft_config(tiny_model, tmp_path, "one", "distributed.num_workers=1", "training.batch_size=4")
-    two = ray_sft_config(tiny_model, tmp_path, "two", "distributed.num_workers=2", "training.batch_size=2")
+    two = ray_sft_config(
+        tiny_model,
+        tmp_path,
+        "two",
+        "distributed.num_workers=2",
+        "training.batch_size=2",
+        "tracking.report_to=wandb",  # offline (conftest): files only
+    )
     m1, m2 = train_sft(one), train_sft(two)
 
     assert (m1["global_step"], m2["global_step"]) == (4, 4)
@@ -74,13 +80,10 @@ def test_two_workers_shard_the_data_and_match_one_worker_on_the_same_global_batc
     ):
         assert (two.output_dir / name).is_file(), name
     assert json.loads((two.output_dir / "metrics.json").read_text())["global_step"] == 4
+    # One wandb run for the whole job: rank 0 logs, rank 1 does not.
+    assert len(list((two.output_dir / "wandb").glob("offline-run-*"))) == 1
 
-    tokenizer = load_tokenizer(two.output_dir)
-    ids = tokenizer("Ahoy! The capital of Peru is Lima.", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        one_worker = load_with_adapter(None, one.output_dir).eval()(ids).logits
-        trained = load_with_adapter(None, two.output_dir).eval()(ids).logits
-    torch.testing.assert_close(trained, one_worker, atol=1e-3, rtol=1e-3)
+    assert_adapters_agree(one.output_dir, two.output_dir)
 
 
 def test_a_worker_killed_mid_run_restarts_from_the_latest_checkpoint(
