@@ -96,8 +96,22 @@ class _Row:
     job: Job
     index: int
     tokens: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of the decoded text already sent
+    text: str = ""  # decoded so far
+    emitted: int = 0  # characters of `text` already sent
     done: bool = False
+    # Incremental detokenization: re-decode only from `prefix_offset`, so each step costs O(1)
+    # tokens, not O(length); text only grows once it no longer ends in a partial UTF-8 character.
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def decode_step(self, tokenizer: Any, flush: bool = False) -> None:
+        prefix = tokenizer.decode(
+            self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True
+        )
+        new = tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
+        if len(new) > len(prefix) and (flush or not new.endswith("\ufffd")):
+            self.text += new[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
 
 
 def _holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -130,7 +144,8 @@ class _RowTracker(StoppingCriteria):
         row = self.rows[i]
         row.done = True
         self.finished[i] = True
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        row.decode_step(self.tokenizer, flush=True)
+        text = row.text
         tail = text[row.emitted :]
         if reason == "stop" and row.job.params.stop:
             cut = min((p for s in row.job.params.stop if (p := text.find(s)) >= 0), default=len(text))
@@ -151,13 +166,13 @@ class _RowTracker(StoppingCriteria):
                 self._finish(i, "stop")
                 continue
             row.tokens.append(token)
-            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            stops = row.job.params.stop
+            row.decode_step(self.tokenizer)
+            text, stops = row.text, row.job.params.stop
             if stops and any(s in text[max(0, row.emitted - max(map(len, stops))) :] for s in stops):
                 self._finish(i, "stop")
             elif len(row.tokens) >= row.job.params.max_tokens:
                 self._finish(i, "length")
-            elif not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            else:
                 safe = len(text) - _holdback(text, stops)
                 if safe > row.emitted:
                     self._emit(row, text[row.emitted : safe])

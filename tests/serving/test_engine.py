@@ -22,6 +22,21 @@ def test_per_row_sampling_greedy_and_nucleus_rows_share_a_batch() -> None:
     assert torch.allclose(out[2], logits[2])
 
 
+def test_incremental_detokenization_matches_a_full_decode(tiny_model: Path) -> None:
+    from alignment.models import load_tokenizer
+    from serving.generation import _Row
+
+    tokenizer = load_tokenizer(tiny_model)
+    text = "Grüße aus Köln 🎉 — naïve café, 東京 too."
+    row = _Row(job=None, index=0)  # type: ignore[arg-type]
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        row.tokens.append(token)
+        row.decode_step(tokenizer)
+        assert "\ufffd" not in row.text  # a half-decoded character is never exposed
+    row.decode_step(tokenizer, flush=True)
+    assert row.text == text
+
+
 def test_holdback_keeps_possible_stop_prefixes_unsent() -> None:
     assert _holdback("hello wor", ("world",)) == 3
     assert _holdback("hello", ("world",)) == 0
