@@ -62,6 +62,42 @@ def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
+def add_completions(store, prompt: str, responses: list[str]) -> list[str]:
+    """Log one response per text to `prompt`, as the server would; returns the completion ids."""
+    from serving import feedback_store as fs
+
+    messages = [{"role": "user", "content": prompt}]
+    rid = f"r{abs(hash(prompt)) % 10**8}"
+    rows = [
+        fs.Completion(
+            id=f"{rid}-{i}",
+            response_id=rid,
+            choice_index=i,
+            prompt_hash=fs.prompt_hash(messages),
+            prompt=messages,
+            response=text,
+            model="m",
+            model_version="m",
+            params={},
+            finish_reason="stop",
+            prompt_tokens=1,
+            completion_tokens=1,
+            latency_ms=1.0,
+        )
+        for i, text in enumerate(responses)
+    ]
+    with store.session() as s:
+        fs.log_completions(s, rows)
+    return [r.id for r in rows]
+
+
+def feedback(store, kind: str, cid: str, value: int | None = None, rejected: str | None = None, **kw) -> None:
+    from serving import feedback_store as fs
+
+    with store.session() as s:
+        fs.add_feedback(s, fs.FeedbackInput(kind, cid, rejected_id=rejected, value=value, **kw))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

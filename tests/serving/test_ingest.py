@@ -6,39 +6,8 @@ import json
 from pathlib import Path
 
 from alignment.preference_data import load_preference_rows
-from serving import feedback_store as fs
 from serving.ingest import ingest
-
-
-def add_completions(store, prompt: str, responses: list[str]) -> list[str]:
-    messages = [{"role": "user", "content": prompt}]
-    rid = f"r{abs(hash(prompt)) % 10**8}"
-    rows = [
-        fs.Completion(
-            id=f"{rid}-{i}",
-            response_id=rid,
-            choice_index=i,
-            prompt_hash=fs.prompt_hash(messages),
-            prompt=messages,
-            response=text,
-            model="m",
-            model_version="m",
-            params={},
-            finish_reason="stop",
-            prompt_tokens=1,
-            completion_tokens=1,
-            latency_ms=1.0,
-        )
-        for i, text in enumerate(responses)
-    ]
-    with store.session() as s:
-        fs.log_completions(s, rows)
-    return [r.id for r in rows]
-
-
-def feedback(store, kind: str, cid: str, value: int | None = None, rejected: str | None = None, **kw) -> None:
-    with store.session() as s:
-        fs.add_feedback(s, fs.FeedbackInput(kind, cid, rejected_id=rejected, value=value, **kw))
+from tests.serving.conftest import add_completions, feedback
 
 
 def pairs_of(path: Path) -> set[tuple[str, str, str, str]]:

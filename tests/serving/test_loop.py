@@ -13,7 +13,7 @@ import pytest
 from serving.config import LoopConfig
 from serving.loop import check_gate, notify_server, reward_evaluator, run_once
 from serving.registry import ModelRegistry
-from tests.serving.conftest import ADMIN_KEY, CLIENT_KEY, eventually
+from tests.serving.conftest import ADMIN_KEY, CLIENT_KEY, add_completions, eventually, feedback
 
 PROMPTS = [f"Tell me about topic {i}." for i in range(10)]
 
@@ -227,3 +227,20 @@ def test_unpaired_thumbs_train_with_kto(server, client, tmp_path: Path) -> None:
     assert version.config["algorithm"] == "kto"
     assert (Path(version.adapter_path) / "adapter_config.json").is_file()
     assert fingerprint(client) == result.version
+
+
+def test_schedule_trigger_retrains_below_the_pair_threshold(store, adapters, tmp_path: Path) -> None:
+    a, b = add_completions(store, "scheduled", ["A", "B"])
+    feedback(store, "pairwise", a, rejected=b)
+    base = {
+        "serve": {"model": "tiny-random", "store_url": store.url},
+        "output_dir": str(tmp_path / "runs"),
+        "ingest": {"output_dir": str(tmp_path / "data")},
+        "server_url": None,
+    }
+    turn = {"trainer": lambda job: adapters["a1"], "evaluator": lambda job: {"win_rate": 1.0}}
+    only_pairs = LoopConfig.model_validate(base | {"trigger": {"min_new_pairs": 100}})
+    assert run_once(only_pairs, store, **turn).status == "waiting"  # 1 pair < 100, no schedule
+    scheduled = LoopConfig.model_validate(base | {"trigger": {"min_new_pairs": 100, "every_minutes": 1e-6}})
+    assert run_once(scheduled, store, **turn).status == "promoted"  # the schedule fired on new data
+    assert run_once(scheduled, store, **turn).status == "waiting"  # nothing new since then
