@@ -123,3 +123,52 @@ def register(app: typer.Typer, train: typer.Typer) -> None:
     train.command("reward")(train_reward_command)
     app.add_typer(reward_app, name="reward")
     app.command("eval")(eval_command)
+    train.command("ppo")(train_ppo_command)
+    train.command("grpo")(train_grpo_command)
+
+
+RewardModelOption = Annotated[
+    str | None, typer.Option("--reward-model", help="Reward model directory (the config's reward_model).")
+]
+
+
+def _scorer(reward_model: str | None, stage: str):  # -> RewardScorer (imported lazily: the CLI starts fast)
+    from alignment.config import ConfigError
+    from reward.scorer import RewardScorer
+
+    if reward_model is None:
+        raise ConfigError(f"{stage}: no reward model; pass --reward-model or set reward_model in the config")
+    return RewardScorer.from_pretrained(reward_model)
+
+
+def train_ppo_command(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    reward_model: RewardModelOption = None,
+) -> None:
+    """PPO of the SFT adapter against a reward model (GAE, clipped losses, KL control, optional ptx)."""
+    from alignment.config import load_config
+    from alignment.ppo import PPORunConfig, train_ppo
+
+    sugar = [f"reward_model={reward_model}"] if reward_model else []
+    with cli_errors():
+        cfg = load_config(PPORunConfig, config, [*sugar, *(overrides or [])])
+        metrics = train_ppo(cfg, _scorer(cfg.reward_model, "ppo"))
+    print_metrics(f"PPO -> {cfg.output_dir} (curves: ppo_curves.png)", metrics)
+
+
+def train_grpo_command(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    reward_model: RewardModelOption = None,
+    resume: ResumeOption = False,
+) -> None:
+    """GRPO or RLOO (TRL, no critic) of the SFT adapter against a reward model."""
+    from alignment.config import load_config
+    from alignment.grpo import GRPORunConfig, train_grpo
+
+    sugar = [f"reward_model={reward_model}"] if reward_model else []
+    with cli_errors():
+        cfg = load_config(GRPORunConfig, config, run_overrides([*sugar, *(overrides or [])], resume))
+        metrics = train_grpo(cfg, _scorer(cfg.reward_model, cfg.grpo.algorithm))
+    print_metrics(f"{cfg.grpo.algorithm.upper()} -> {cfg.output_dir}", metrics)
