@@ -173,3 +173,12 @@ def test_rate_limit_is_429_per_key(tiny_model, tmp_path, server) -> None:
         headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
         codes = [http.get("/v1/models", headers=headers).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
+
+
+def test_openapi_schema_documents_the_typed_routes(server) -> None:
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/models", "/v1/feedback", "/admin/reload"} <= set(schema["paths"])
+    feedback = schema["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert feedback["discriminator"]["propertyName"] == "type"
+    assert {"ThumbsFeedback", "RatingFeedback", "PairwiseFeedback"} <= set(schema["components"]["schemas"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
