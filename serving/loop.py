@@ -148,6 +148,9 @@ def run_once(
     if (algorithm == "dpo" and not data.pairs) or (algorithm == "kto" and not _kto_rows(data)):
         return LoopResult("no_data", data.version, new_pairs)
 
+    if evaluator is None and config.eval.reward_model is None:
+        # Fail before hours of training, not after.
+        raise ValueError("eval.reward_model is not set: the promotion gate needs a reward model")
     base = config.serve.model
     version = registry.register(
         base_model=base,
