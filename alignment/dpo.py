@@ -7,14 +7,19 @@ The policy is the SFT adapter (`init_adapter`) made trainable; the reference is 
 loaded as a second adapter ("ref") on the same base weights, or, without an SFT adapter, the base
 model with adapters disabled. There is never a second full model in memory.
 
-`PrefloopDPOTrainer` changes three things in TRL's trainer, all about speed on small hardware:
+`PrefloopDPOTrainer` changes what a DPO step costs, not what it computes (a profile of TRL's step
+on CPU showed under a third of the time in matmuls):
 - reference log-probs are computed once, before training, and cached on disk
-  (`alignment.reference_cache`), so training runs one forward and one backward per step instead of
-  two forwards and a backward, and a re-run with the same model, adapter and data skips them entirely;
+  (`alignment.reference_cache`): a step is one forward and one backward instead of two forwards and a
+  backward, and a re-run with the same model, adapter and data skips them entirely;
+- the prompt of a pair runs once: chosen and rejected completions share one row, masked from each
+  other (`share_prompts`), instead of two rows that both carry the prompt;
 - the LM head scores only completion tokens: the (tokens x vocab) logits of the prompt and the padding
   are never built (TRL's fused head scores every position on devices without Triton);
-- the log-softmax is a logsumexp over the bf16 logits plus the target logit taken in fp32 from its
-  own row of the head, instead of a float32 copy of the full logits per vocabulary tile.
+- under bf16 autocast PEFT no longer copies every LoRA input to fp32 and back
+  (`keep_activations_in_autocast_dtype`);
+- weights are held in bf16 (the device plan) and gradient checkpointing is off (`training` settings),
+  so no fp32 weight is re-cast and no forward is recomputed.
 The loss itself is TRL's `_compute_loss`, untouched, so every TRL loss type works.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,20 +86,23 @@ class DPOSettings(StrictModel):
         None,
         description="Where cached reference log-probs live (default: $PREFLOOP_HOME/cache/reference-logps).",
     )
+    share_prompt: bool = Field(
+        True,
+        description="Run each pair's prompt once (chosen and rejected in one row, masked from each other).",
+    )
     precompute_batch_size: int = Field(
         16, ge=1, description="Pairs per reference forward while precomputing."
     )
 
 
-class DPORunConfig(RunConfig):
-    output_dir: Path = Path("runs/dpo")
+class PolicyRunConfig(RunConfig):
+    """A run that trains a policy against a frozen reference (DPO, KTO)."""
+
     init_adapter: Path | None = Field(
         None,
         description="SFT adapter directory: trained further as the policy, and its frozen copy is the "
         "reference. Unset: a fresh LoRA (the `lora` block) on `model`, with the base as reference.",
     )
-    data: PreferenceDataSettings = Field(default_factory=PreferenceDataSettings)
-    dpo: DPOSettings = Field(default_factory=DPOSettings)
 
     def base_model(self) -> str:
         """The base under the SFT adapter, unless `model` was named explicitly."""
@@ -102,7 +111,26 @@ class DPORunConfig(RunConfig):
         return self.model
 
 
-# --- completion-only LM head ------------------------------------------------------------------------
+def load_policy(config: PolicyRunConfig, base: str) -> tuple[torch.nn.Module, Any]:
+    """(model, peft_config) for a TRL trainer: the SFT adapter made trainable, or a fresh LoRA config.
+
+    Given a PEFT model and no peft_config, TRL loads a frozen copy of the adapter as "ref".
+    """
+    model = load_causal_lm(base, device_plan(config), quantization=config.lora.quantization)
+    if config.init_adapter is None:
+        return model, lora_config(config.lora)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(config.init_adapter), is_trainable=True), None
+
+
+class DPORunConfig(PolicyRunConfig):
+    output_dir: Path = Path("runs/dpo")
+    data: PreferenceDataSettings = Field(default_factory=PreferenceDataSettings)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+
+
+# --- completion-only LM head, prompt shared by the two responses of a pair -------------------------------
 
 
 def completion_log_probs(
@@ -112,25 +140,95 @@ def completion_log_probs(
 
     hidden: (N, H) final hidden states; weight: (V, H) LM head; targets: (N,) next-token ids.
     """
-    logits = hidden @ weight.t()  # (N, V) in the weights' dtype: the one big matmul
-    log_z = torch.logsumexp(logits.float(), dim=-1)
+    z = (hidden @ weight.t()).float()  # (N, V): the one big matmul, in the weights' dtype
+    log_z = torch.logsumexp(z, dim=-1)
     # The target's logit again, in fp32 from its own row of the head: N*H work, no bf16 rounding.
     target_logits = (hidden.float() * weight[targets].float()).sum(-1)
     log_probs = target_logits - log_z
     with torch.no_grad():
-        z = logits.float()
-        p = torch.exp(z - log_z.unsqueeze(-1))
-        entropy = log_z - (p * z).sum(-1)
+        z = z.detach()
+        entropy = log_z - (torch.exp(z - log_z.unsqueeze(-1)) * z).sum(-1)
         mean_logits = z.mean(-1)
         is_top1 = z.argmax(-1) == targets
     return log_probs, entropy, mean_logits, is_top1
 
 
-def add_completion_lm_head(model: PreTrainedModel) -> None:
+@dataclass
+class SharedPromptBatch:
+    """One row per pair - prompt, chosen completion, rejected completion - and where each scored token goes."""
+
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, 1, T, T) bool, True = may attend
+    predictor: torch.Tensor  # (N,) flat index into (B*T) of the hidden state that predicts each scored token
+    targets: torch.Tensor  # (N,) the scored tokens
+    rows: torch.Tensor  # (N,) their row in TRL's (2B, L - 1) layout: chosen rows, then rejected rows
+    cols: torch.Tensor  # (N,) their column there (the position of the predicting token)
+
+
+def share_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> SharedPromptBatch | None:
+    """TRL's [chosen rows; rejected rows] batch -> one row per pair, the prompt run once.
+
+    The chosen and rejected rows of a pair start with the same prompt tokens, a third to a half of the
+    batch for chat data. Here the rejected completion follows the chosen one in the same row, with
+    position ids restarting after the prompt and a mask that hides the chosen completion from it, so
+    every token sees exactly the context it has in its own row. None when the rows do not pair up.
+    """
+    n_rows = input_ids.shape[0]
+    if n_rows % 2:
+        return None
+    pairs = n_rows // 2
+    lengths = attention_mask.sum(1).tolist()
+    starts = (labels != -100).int().argmax(1).tolist()  # first completion token of each row
+    device = input_ids.device
+    rows_out: list[tuple[torch.Tensor, ...]] = []
+    for i in range(pairs):
+        p, j = starts[i], pairs + i
+        if p == 0 or starts[j] != p or not torch.equal(input_ids[i, :p], input_ids[j, :p]):
+            return None
+        c, r = lengths[i] - p, lengths[j] - p
+        ids = torch.cat([input_ids[i, : p + c], input_ids[j, p : p + r]])
+        pos = torch.cat([torch.arange(p + c, device=device), torch.arange(p, p + r, device=device)])
+        # Scored tokens: chosen at t in [p, p+c) is predicted from index t-1; rejected at t in [p, p+r)
+        # sits at index c+t and is predicted from index c+t-1, except its first token: from the prompt's last.
+        t_c, t_r = torch.arange(p, p + c, device=device), torch.arange(p, p + r, device=device)
+        pred_r = torch.where(t_r == p, p - 1, c + t_r - 1)
+        rows_out.append((ids, pos, p, c, t_c, t_r, pred_r, i, j))
+    width = max(len(x[0]) for x in rows_out)
+    batch_ids = input_ids.new_zeros(pairs, width)
+    batch_pos = torch.zeros(pairs, width, dtype=torch.long, device=device)
+    q = torch.arange(width, device=device)[:, None]
+    k = torch.arange(width, device=device)[None, :]
+    masks, predictor, targets, rows, cols = [], [], [], [], []
+    for b, (ids, pos, p, c, t_c, t_r, pred_r, i, j) in enumerate(rows_out):
+        batch_ids[b, : len(ids)] = ids
+        batch_pos[b, : len(pos)] = pos
+        chosen_key = (k >= p) & (k < p + c)
+        rejected_query = q >= p + c
+        masks.append((k <= q) & (k < len(ids)) & ~(rejected_query & chosen_key))
+        predictor += [b * width + t_c - 1, b * width + pred_r]
+        targets += [input_ids[i, t_c], input_ids[j, t_r]]
+        rows += [torch.full_like(t_c, i), torch.full_like(t_r, j)]
+        cols += [t_c - 1, t_r - 1]
+    return SharedPromptBatch(
+        input_ids=batch_ids,
+        position_ids=batch_pos,
+        attention_mask=torch.stack(masks)[:, None],
+        predictor=torch.cat(predictor),
+        targets=torch.cat(targets),
+        rows=torch.cat(rows),
+        cols=torch.cat(cols),
+    )
+
+
+def add_completion_lm_head(model: PreTrainedModel, share_prompt: bool = True) -> None:
     """Make `model(..., labels=labels, fused_lm_head=True)` score only the positions whose label is not -100.
 
     Same contract as TRL's `add_fused_lm_head` (it returns a `FusedCausalLMOutput` with per-token fields of
-    shape (batch, seq_len - 1), zero where unscored), so TRL's `_compute_loss` reads it unchanged.
+    shape (batch, seq_len - 1), zero where unscored), so TRL's `_compute_loss` reads it unchanged. With
+    `share_prompt`, a [chosen; rejected] batch runs as one row per pair (see `share_prompts`).
     """
     original_forward = type(model).forward.__get__(model)
 
@@ -154,26 +252,39 @@ def add_completion_lm_head(model: PreTrainedModel) -> None:
             "inputs_embeds",
         ):
             kwargs.pop(unused, None)
-        hidden = self.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-        ).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        scored = targets != -100
+        scored = labels[:, 1:] != -100
+        shared = share_prompts(input_ids, attention_mask, labels) if share_prompt else None
+        if shared is not None:
+            hidden = self.base_model(
+                input_ids=shared.input_ids,
+                position_ids=shared.position_ids,
+                attention_mask=shared.attention_mask,
+                use_cache=False,
+                **kwargs,
+            ).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1])[shared.predictor]
+            targets, rows, cols = shared.targets, shared.rows, shared.cols
+        else:
+            hidden = self.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+            ).last_hidden_state[:, :-1][scored]
+            targets = labels[:, 1:][scored]
+            rows, cols = scored.nonzero(as_tuple=True)
         log_probs, entropy, mean_logits, is_top1 = completion_log_probs(
-            hidden[scored], self.get_output_embeddings().weight, targets[scored]
+            hidden, self.get_output_embeddings().weight, targets
         )
 
-        def unflatten(values: torch.Tensor) -> torch.Tensor:
-            # masked_scatter keeps the autograd graph: gradients flow back to the scored positions only
-            return values.new_zeros(scored.shape).masked_scatter(scored, values)
+        def place(values: torch.Tensor) -> torch.Tensor:
+            # index_put keeps the autograd graph: gradients flow back to the scored positions only
+            return values.new_zeros(scored.shape).index_put((rows, cols), values)
 
-        log_probs = unflatten(log_probs)
+        log_probs = place(log_probs)
         return FusedCausalLMOutput(
             loss=-log_probs.sum() / scored.sum().clamp(min=1),
             log_probs=log_probs,
-            entropy=unflatten(entropy),
-            mean_logits=unflatten(mean_logits),
-            is_top1=unflatten(is_top1),
+            entropy=place(entropy),
+            mean_logits=place(mean_logits),
+            is_top1=place(is_top1),
             label_mask=scored,
         )
 
@@ -205,6 +316,7 @@ class PrefloopDPOTrainer(DPOTrainer):
         *args: Any,
         reference_cache: ReferenceCache | None = None,
         reference_identity: tuple[str, str | None] = ("", None),
+        share_prompt: bool = True,
         **kwargs: Any,
     ) -> None:
         dpo_args: DPOConfig = kwargs["args"]
@@ -215,8 +327,10 @@ class PrefloopDPOTrainer(DPOTrainer):
         dpo_args.precompute_ref_log_probs = precompute
         self.reference_cache = reference_cache or ReferenceCache()
         self.reference_identity = reference_identity
+        self.share_prompt = share_prompt
         add_completion_lm_head(
-            self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model,
+            share_prompt=share_prompt,
         )
         if self.args.bf16:
             keep_activations_in_autocast_dtype(self.model)
@@ -240,6 +354,7 @@ class PrefloopDPOTrainer(DPOTrainer):
             "max_length": self.args.max_length,
             "truncation_mode": self.args.truncation_mode,
             "ld_alpha": self.ld_alpha,
+            "share_prompt": self.share_prompt,
         }
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -271,15 +386,7 @@ def build_dpo_trainer(config: DPORunConfig) -> PrefloopDPOTrainer:
     tokenizer = load_tokenizer(base)  # an SFT adapter saves the same tokenizer as its base
     train, eval_ds, report = prepare_preferences(config.data, tokenizer)
     log.info("DPO data: %s", {k: v for k, v in report.items() if not isinstance(v, dict | list)})
-    model = load_causal_lm(base, device_plan(config), quantization=config.lora.quantization)
-    peft_config = None
-    if config.init_adapter is not None:
-        from peft import PeftModel
-
-        # TRL sees a PEFT model without a peft_config and loads a frozen copy of this adapter as "ref".
-        model = PeftModel.from_pretrained(model, str(config.init_adapter), is_trainable=True)
-    else:
-        peft_config = lora_config(config.lora)
+    model, peft_config = load_policy(config, base)
     has_eval = eval_ds is not None and len(eval_ds) > 0
     dpo = config.dpo
     args = training_arguments(
@@ -304,6 +411,7 @@ def build_dpo_trainer(config: DPORunConfig) -> PrefloopDPOTrainer:
         callbacks=callbacks(config, has_eval),
         reference_cache=ReferenceCache(dpo.reference_cache_dir),
         reference_identity=(base, str(config.init_adapter) if config.init_adapter else None),
+        share_prompt=dpo.share_prompt,
     )
     trainer.prefloop_data_report = report  # type: ignore[attr-defined]
     return trainer

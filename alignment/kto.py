@@ -20,8 +20,9 @@ from trl import KTOConfig, KTOTrainer
 
 from alignment.config import StrictModel
 from alignment.data_files import DataError, read_rows
-from alignment.models import adapter_base_model, load_causal_lm, load_tokenizer, resolve_model
-from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
+from alignment.dpo import PolicyRunConfig, load_policy
+from alignment.models import load_tokenizer, resolve_model
+from alignment.runner import callbacks, run_training, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,8 @@ class KTOSettings(StrictModel):
     undesirable_weight: float = Field(1.0, gt=0)
 
 
-class KTORunConfig(RunConfig):
+class KTORunConfig(PolicyRunConfig):
     output_dir: Path = Path("runs/kto")
-    init_adapter: Path | None = Field(
-        None, description="SFT adapter directory to continue from; its frozen copy is the reference."
-    )
     data: KTODataSettings = Field(default_factory=KTODataSettings)
     kto: KTOSettings = Field(default_factory=KTOSettings)
 
@@ -70,11 +68,6 @@ class KTORunConfig(RunConfig):
                 "training.batch_size must be >= 2 for loss_type 'kto' (its KL estimate pairs rows)"
             )
         return self
-
-    def base_model(self) -> str:
-        if self.init_adapter is not None and "model" not in self.model_fields_set:
-            return adapter_base_model(self.init_adapter)
-        return self.model
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -167,14 +160,7 @@ def build_kto_trainer(config: KTORunConfig) -> KTOTrainer:
     tokenizer = load_tokenizer(base)  # an SFT adapter saves the same tokenizer as its base
     train, eval_ds, stats = build_datasets(config)
     log.info("KTO data: %s", stats)
-    model = load_causal_lm(base, device_plan(config), quantization=config.lora.quantization)
-    peft_config = None
-    if config.init_adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(config.init_adapter), is_trainable=True)
-    else:
-        peft_config = lora_config(config.lora)
+    model, peft_config = load_policy(config, base)
     has_eval = eval_ds is not None and len(eval_ds) > 0
     desirable, undesirable = loss_weights(config.kto, stats["desirable"], stats["undesirable"])
     args = training_arguments(

@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 
 from alignment.config import ConfigError, load_config
 from alignment.data_files import write_jsonl
-from alignment.dpo import DPORunConfig, build_dpo_trainer, completion_log_probs, train_dpo
+from alignment.dpo import (
+    DPORunConfig,
+    add_completion_lm_head,
+    build_dpo_trainer,
+    completion_log_probs,
+    share_prompts,
+    train_dpo,
+)
 from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
 
 
@@ -243,3 +250,23 @@ def test_cli_train_dpo_reports_config_errors(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", "dpo", "--set", "dpo.beta=-1"])
     assert result.exit_code == 2
     assert "dpo.beta" in result.output
+
+
+def test_shared_prompt_forward_matches_one_row_per_response(
+    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path]
+) -> None:
+    """Running each pair's prompt once (rejected masked from chosen) gives the same log-probs."""
+    cfg = dpo_config(tiny_model, tmp_path, pairs, "training.dtype=fp32", "dpo.precompute_ref_log_probs=false")
+    trainer = build_dpo_trainer(cfg)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    model = trainer.model.get_base_model()
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    assert share_prompts(**kwargs) is not None
+    with torch.no_grad():
+        shared = model(**kwargs, fused_lm_head=True)
+        add_completion_lm_head(model, share_prompt=False)
+        separate = model(**kwargs, fused_lm_head=True)
+    torch.testing.assert_close(shared.log_probs, separate.log_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared.entropy, separate.entropy, atol=1e-4, rtol=1e-4)
+    assert shared.log_probs[separate.label_mask].abs().min() > 0
