@@ -142,7 +142,9 @@ def run_once(
     current = registry.current()
     new_pairs = len(pair_ids(data) - _trained_pairs(config, current))
     new_kto = _kto_rows(data) if current is None or current.data_version != data.version else 0
-    if not (force or _due(config, registry, new_pairs, new_kto)):
+    # A data version already trained on (promoted or rejected) is not retried until feedback changes it.
+    tried = data.version in {v.data_version for v in registry.list()}
+    if not force and (tried or not _due(config, registry, new_pairs, new_kto)):
         return LoopResult("waiting", data.version, new_pairs)
     algorithm = config.algorithm if config.algorithm != "auto" else ("dpo" if data.pairs else "kto")
     if (algorithm == "dpo" and not data.pairs) or (algorithm == "kto" and not _kto_rows(data)):

@@ -186,6 +186,8 @@ def test_gate_rejects_a_candidate_and_keeps_the_current_model(
     assert result.status == "rejected" and result.gate_failures == ["win_rate 0.500 < 1.0"]
     assert registry.get(result.version).status == "rejected"
     assert registry.current() == before
+    # The rejected data version is not retrained on every poll: only new feedback triggers again.
+    assert run_once(config, server.store, trainer=lambda job: adapters["a2"]).status == "waiting"
 
 
 def test_gate_checks_each_bound() -> None:
