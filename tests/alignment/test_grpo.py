@@ -68,3 +68,19 @@ def test_grpo_trains_and_saves(algorithm: str, tiny_model: Path, tmp_path: Path)
     assert (out / "adapter_model.safetensors").is_file()
     assert (out / "prefloop-config.yaml").is_file()
     assert f"prefloop {algorithm} adapter" in (out / "README.md").read_text()
+
+
+def test_bundled_config_validates() -> None:
+    config = load_config(GRPORunConfig, Path(__file__).parents[2] / "configs" / "grpo.yaml")
+    assert config.grpo.algorithm == "grpo"
+    assert config.training.batch_size % config.grpo.num_generations == 0
+
+
+def test_cli_without_reward_model_exits_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    result = CliRunner().invoke(app, ["train", "grpo", "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 2
+    assert "no reward model" in result.output

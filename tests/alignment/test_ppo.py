@@ -18,8 +18,8 @@ from alignment.ppo import (
     RunningMoments,
     build_ppo_trainer,
     compute_gae,
-    load_prompts,
     load_ppo_models,
+    load_prompts,
     masked_whiten,
     per_token_rewards,
     policy_loss,
@@ -208,7 +208,7 @@ def ppo_overrides(model: Path, prompts: Path, out: Path, *extra: str) -> list[st
         f"data.prompts={prompts}",
         "tracking.report_to=none",
         "training.dtype=fp32",
-        "training.learning_rate=3e-3",
+        "training.learning_rate=1e-3",
         "lora.r=8",
         "lora.dropout=0.0",
         "ppo.rollout_batch_size=16",
@@ -228,16 +228,16 @@ def test_ppo_raises_reward_with_bounded_kl_and_saves_policy_and_value_head(
 
     out = tmp_path / "ppo"
     config = load_config(
-        PPORunConfig, None, ppo_overrides(eos_model, prompt_file, out, "training.max_steps=24")
+        PPORunConfig, None, ppo_overrides(eos_model, prompt_file, out, "training.max_steps=12")
     )
     metrics = train_ppo(config, short_response_reward(load_tokenizer(eos_model)))
     log = [json.loads(line) for line in (out / "ppo_log.jsonl").read_text().splitlines()]
-    assert len(log) == 24
-    first = sum(r["reward/raw"] for r in log[:6]) / 6
-    last = sum(r["reward/raw"] for r in log[-6:]) / 6
-    assert last > first + 0.25, (first, last)
+    assert len(log) == 12
+    first = sum(r["reward/raw"] for r in log[:3]) / 3
+    last = sum(r["reward/raw"] for r in log[-3:]) / 3
+    assert last > first + 0.3, (first, last)
     assert metrics["eos_fraction_last"] > log[0]["rollout/eos_fraction"]
-    assert max(r["objective/kl"] for r in log) < 8.0  # nats per response
+    assert max(r["objective/kl"] for r in log) < 12.0  # nats per response
     assert (out / "ppo_curves.png").stat().st_size > 0
     assert (out / "adapter_model.safetensors").is_file()
     assert (out / "critic" / "value_head.safetensors").is_file()
@@ -303,3 +303,18 @@ def test_ptx_loss_is_logged_and_moves_the_gradient(
         weights[coef] = torch.cat([p.detach().flatten() for p in trainer.optimizer.param_groups[0]["params"]])
     # Same seed, same rollouts, same minibatches: only the ptx term differs between the two updates.
     assert not torch.allclose(weights[0.0], weights[1.0])
+
+
+def test_bundled_config_validates() -> None:
+    config = load_config(PPORunConfig, Path(__file__).parents[2] / "configs" / "ppo.yaml")
+    assert config.ppo.critic == "separate" and config.ppo.kl_controller == "adaptive"
+
+
+def test_cli_without_reward_model_exits_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    result = CliRunner().invoke(app, ["train", "ppo", "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 2
+    assert "no reward model" in result.output
