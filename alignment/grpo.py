@@ -22,8 +22,8 @@ from pydantic import Field
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from alignment.config import ConfigError, StrictModel
-from alignment.models import adapter_base_model, load_causal_lm, load_tokenizer, load_with_adapter
-from alignment.ppo import EXAMPLE_PROMPTS, RewardFn, load_prompts
+from alignment.models import adapter_base_model, load_causal_lm, load_with_adapter
+from alignment.ppo import EXAMPLE_PROMPTS, RewardFn, load_policy_tokenizer, load_prompts
 from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
 
 
@@ -92,7 +92,7 @@ def build_grpo_trainer(config: GRPORunConfig, reward_fn: RewardFn) -> GRPOTraine
             f"training.batch_size x gradient_accumulation_steps x workers ({generation_batch}) must be a "
             f"multiple of grpo.num_generations ({g.num_generations})"
         )
-    tokenizer = load_tokenizer(config.init_adapter or config.base_model())
+    tokenizer = load_policy_tokenizer(config.init_adapter, config.base_model())
     dataset = Dataset.from_list([{"prompt": p} for p in load_prompts(config.data.prompts)])
     plan = device_plan(config)
     if config.init_adapter is not None:

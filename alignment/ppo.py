@@ -138,7 +138,8 @@ class PPODataSettings(StrictModel):
 
 
 class PPORunConfig(RunConfig):
-    """`training.max_steps` counts PPO steps (rollout batches); `training.epochs` passes over the prompts."""
+    """`training.max_steps` counts PPO steps (rollout batches), `training.epochs` passes over the prompts;
+    batch sizes live in `ppo` (rollout_batch_size, mini_batch_size), so `training.batch_size` is unused."""
 
     output_dir: Path = Path("runs/ppo")
     init_adapter: Path | None = Field(
@@ -347,6 +348,13 @@ class Critic(nn.Module):
         return self.trunk is None
 
 
+def load_policy_tokenizer(init_adapter: Path | None, base_model: str) -> PreTrainedTokenizerBase:
+    """The init adapter's own tokenizer when its run saved one (SFT runs do), else the base model's."""
+    if init_adapter is not None and (Path(init_adapter) / "tokenizer_config.json").is_file():
+        return load_tokenizer(init_adapter)
+    return load_tokenizer(base_model)
+
+
 def load_policy(config: PPORunConfig, plan: DevicePlan) -> nn.Module:
     """pi_theta as a PeftModel: the init adapter (trainable) or a fresh LoRA; plus a frozen reference copy."""
     from peft import get_peft_model
@@ -440,13 +448,12 @@ def tokenize_prompts(
     """Chat-template each prompt with the generation prompt; drop (and count) those over max_length."""
     kept, ids, dropped = [], [], 0
     for prompt in prompts:
-        encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        encoded = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+        encoded = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
         if len(encoded) > max_length:
             dropped += 1
             continue
         kept.append(prompt)
-        ids.append(list(encoded))
+        ids.append(encoded)
     return kept, ids, dropped
 
 
@@ -792,29 +799,26 @@ class PPOTrainer:
 
     def ptx_loss(self) -> torch.Tensor:
         """PPO-ptx (InstructGPT eq. 2): -gamma_ptx E_{x ~ D_pretrain}[log pi(x)] added to the PPO loss."""
-        input_ids, labels = next(self._ptx_batches)
-        attention_mask = (labels != -100) | (input_ids != self.tokenizer.pad_token_id)
-        out = self.policy(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.long().to(self.device),
-            labels=labels.to(self.device),
-        )
-        return out.loss
+        input_ids, attention_mask, labels = (t.to(self.device) for t in next(self._ptx_batches))
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
-    def _cycle_ptx(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _cycle_ptx(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Endless shuffled (input_ids, attention_mask, labels) batches of the ptx data, right-padded."""
         if not self.ptx_examples:
             return iter(())
         rng = random.Random(self.config.training.seed)
 
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
             while True:
                 order = list(range(len(self.ptx_examples)))
                 rng.shuffle(order)
                 for i in range(0, len(order), self.ppo.ptx_batch_size):
                     chunk = [self.ptx_examples[j] for j in order[i : i + self.ppo.ptx_batch_size]]
                     ids = pad([c[0] for c in chunk], self.tokenizer.pad_token_id, "right")
+                    # From lengths, not from ids: the pad token is often EOS, which the text itself contains.
+                    attention_mask = pad([[1] * len(c[0]) for c in chunk], 0, "right")
                     labels = pad([c[1] for c in chunk], -100, "right")
-                    yield ids, labels
+                    yield ids, attention_mask, labels
 
         return batches()
 
@@ -915,7 +919,7 @@ def build_ppo_trainer(
     _check_supported(config)
     torch.manual_seed(config.training.seed)
     plan = device_plan(config)
-    tokenizer = load_tokenizer(config.init_adapter or config.base_model())
+    tokenizer = load_policy_tokenizer(config.init_adapter, config.base_model())
     prompts, prompt_ids, dropped = tokenize_prompts(
         load_prompts(config.data.prompts), tokenizer, config.data.max_prompt_length
     )
