@@ -11,6 +11,7 @@ from alignment.config import ConfigError, load_config
 from alignment.data_files import DataError, write_jsonl
 from alignment.kto import KTORunConfig, load_feedback, train_kto
 from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
+from tests.alignment.test_dpo import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def feedback_rows() -> list[dict]:
