@@ -22,9 +22,9 @@ from pydantic import Field
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from alignment.config import ConfigError, StrictModel
-from alignment.models import adapter_base_model, load_causal_lm, load_with_adapter
-from alignment.ppo import EXAMPLE_PROMPTS, RewardFn, load_policy_tokenizer, load_prompts
-from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
+from alignment.models import load_causal_lm, load_with_adapter
+from alignment.ppo import EXAMPLE_PROMPTS, PolicyRunConfig, RewardFn, load_policy_tokenizer, load_prompts
+from alignment.runner import callbacks, device_plan, lora_config, run_training, training_arguments
 
 
 class GRPOSettings(StrictModel):
@@ -54,21 +54,10 @@ class GRPODataSettings(StrictModel):
     )
 
 
-class GRPORunConfig(RunConfig):
+class GRPORunConfig(PolicyRunConfig):
     output_dir: Path = Path("runs/grpo")
-    init_adapter: Path | None = Field(
-        None, description="SFT adapter to start from (trainable). Unset: a fresh LoRA (`lora`) on `model`."
-    )
-    reward_model: str | None = Field(
-        None, description="Reward model directory; used by `prefloop train grpo` to build the reward."
-    )
     data: GRPODataSettings = Field(default_factory=GRPODataSettings)
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
-
-    def base_model(self) -> str:
-        if self.init_adapter is not None and "model" not in self.model_fields_set:
-            return adapter_base_model(self.init_adapter)
-        return self.model
 
 
 def trl_reward_function(reward_fn: RewardFn, name: str = "reward_model") -> Callable[..., list[float]]:

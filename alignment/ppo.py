@@ -137,25 +137,30 @@ class PPODataSettings(StrictModel):
     ptx_max_length: int = Field(512, gt=8, description="Tokens per PPO-ptx example (truncated).")
 
 
-class PPORunConfig(RunConfig):
-    """`training.max_steps` counts PPO steps (rollout batches), `training.epochs` passes over the prompts;
-    batch sizes live in `ppo` (rollout_batch_size, mini_batch_size), so `training.batch_size` is unused."""
+class PolicyRunConfig(RunConfig):
+    """What every RL run from a reward (PPO, GRPO, RLOO) has: a starting adapter and a reward model."""
 
-    output_dir: Path = Path("runs/ppo")
     init_adapter: Path | None = Field(
         None, description="SFT adapter to start from (trainable). Unset: a fresh LoRA (`lora`) on `model`."
     )
     reward_model: str | None = Field(
-        None, description="Reward model directory; used by `prefloop train ppo` to build the reward."
+        None, description="Reward model directory; the `prefloop train` command builds the reward from it."
     )
-    data: PPODataSettings = Field(default_factory=PPODataSettings)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
     def base_model(self) -> str:
         """The base under the init adapter, unless `model` was named explicitly."""
         if self.init_adapter is not None and "model" not in self.model_fields_set:
             return adapter_base_model(self.init_adapter)
         return self.model
+
+
+class PPORunConfig(PolicyRunConfig):
+    """`training.max_steps` counts PPO steps (rollout batches), `training.epochs` passes over the prompts;
+    batch sizes live in `ppo` (rollout_batch_size, mini_batch_size), so `training.batch_size` is unused."""
+
+    output_dir: Path = Path("runs/ppo")
+    data: PPODataSettings = Field(default_factory=PPODataSettings)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
 
 # --- masked statistics ------------------------------------------------------------------------------
