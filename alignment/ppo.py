@@ -42,7 +42,7 @@ from pydantic import Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoModel, GenerationConfig, PreTrainedTokenizerBase, get_scheduler
 
 from alignment.config import ConfigError, StrictModel, dump_config
 from alignment.data_files import DataError, read_rows
@@ -695,6 +695,7 @@ class PPOTrainer:
         critic: Critic,
         tokenizer: PreTrainedTokenizerBase,
         ptx_examples: list[tuple[list[int], list[int]]] | None = None,
+        total_steps: int | None = None,
     ) -> None:
         self.config, self.ppo, self.reward_fn = config, config.ppo, reward_fn
         self.policy, self.critic, self.tokenizer = policy, critic, tokenizer
@@ -713,11 +714,26 @@ class PPOTrainer:
             self.critic_optimizer = torch.optim.AdamW(
                 critic_params, lr=lr, weight_decay=t.weight_decay, eps=1e-5
             )
+        self.schedulers = [self._lr_schedule(opt, total_steps) for opt in self.optimizers]
         self.kl_ctl = kl_controller(self.ppo)
         self.score_moments = RunningMoments()
         self.ptx_examples = ptx_examples or []
         self._ptx_batches = self._cycle_ptx()
         self.history: list[dict[str, float]] = []
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [opt for opt in (self.optimizer, self.critic_optimizer) if opt is not None]
+
+    def _lr_schedule(self, optimizer: torch.optim.Optimizer, total_steps: int | None) -> Any:
+        """training.lr_scheduler/warmup over all optimizer steps of the run (constant when unknown)."""
+        if total_steps is None:
+            return get_scheduler("constant", optimizer)
+        t = self.config.training
+        per_step = self.ppo.ppo_epochs * math.ceil(self.ppo.rollout_batch_size / self.ppo.mini_batch_size)
+        n = total_steps * per_step
+        warmup = int(t.warmup * n) if t.warmup < 1 else int(t.warmup)
+        return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=n)
 
     # One step, phase by phase.
 
@@ -784,6 +800,7 @@ class PPOTrainer:
                 params = [p for group in self.optimizer.param_groups for p in group["params"]]
                 stats["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 self.optimizer.step()
+                self.schedulers[0].step()
                 if not self.critic.shared:
                     stats |= self.critic_step(mb, T)
                 for key, value in stats.items():
@@ -800,6 +817,7 @@ class PPOTrainer:
         params = [p for group in self.critic_optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.config.training.max_grad_norm)
         self.critic_optimizer.step()
+        self.schedulers[1].step()
         return stats | {"loss/value": vf_loss.detach()}
 
     def ptx_loss(self) -> torch.Tensor:
@@ -832,6 +850,7 @@ class PPOTrainer:
         stats |= self.update(experience)
         self.kl_ctl.update(stats["objective/kl"], len(prompts))
         stats["objective/kl_coef"] = self.kl_ctl.value
+        stats["policy/learning_rate"] = self.schedulers[0].get_last_lr()[0]
         self.history.append(stats)
         return stats
 
@@ -937,7 +956,8 @@ def build_ppo_trainer(
     ptx = tokenize_ptx(config.data.ptx, tokenizer, config.data.ptx_max_length) if config.data.ptx else None
     policy = load_policy(config, plan)
     critic = load_critic(config, plan, policy)
-    return PPOTrainer(config, reward_fn, policy, critic, tokenizer, ptx), prompts, prompt_ids
+    trainer = PPOTrainer(config, reward_fn, policy, critic, tokenizer, ptx, total_steps(config, len(prompts)))
+    return trainer, prompts, prompt_ids
 
 
 def train_ppo(config: PPORunConfig, reward_fn: RewardFn) -> dict[str, Any]:
