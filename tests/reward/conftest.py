@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,14 +75,14 @@ def tiny_reward_overrides(tiny_model: Path, output_dir: Path, train: Path, eval_
 def trained(
     tiny_model: Path, marker_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple:
-    """(run dir, metrics) of a tiny reward model trained on the marker task; shared by reward tests."""
-    from alignment.config import load_config
-    from reward.trainer import RewardRunConfig, train_reward
+    """(run dir, metrics) of a tiny reward model trained on the marker task through `prefloop train reward`."""
+    from typer.testing import CliRunner
+
+    from serving.cli import app
 
     out = tmp_path_factory.mktemp("reward-run")
-    config = load_config(
-        RewardRunConfig,
-        None,
-        tiny_reward_overrides(tiny_model, out, marker_data["train"], marker_data["eval"]),
-    )
-    return out, train_reward(config)
+    overrides = tiny_reward_overrides(tiny_model, out, marker_data["train"], marker_data["eval"])
+    result = CliRunner().invoke(app, ["train", "reward", *(arg for o in overrides for arg in ("--set", o))])
+    assert result.exit_code == 0, result.output
+    assert "heldout_accuracy" in result.stdout
+    return out, json.loads((out / "metrics.json").read_text())

@@ -73,3 +73,21 @@ def test_agreement_margin_reaches_the_loss_and_batches_are_length_grouped(
     assert batch["margin"].tolist() == [1.0] * 8
     assert trainer.args.train_sampling_strategy == "group_by_length"
     assert not trainer.args.gradient_checkpointing
+
+
+def test_train_reward_cli_reports_bad_config_and_bad_data(tiny_model: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from serving.cli import app
+
+    runner = CliRunner()
+    bad_key = runner.invoke(app, ["train", "reward", "--set", "reward.margin=1"])
+    assert bad_key.exit_code == 2
+    assert "reward.margin: unknown key" in bad_key.output
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    args = ["train", "reward", "--set", f"model={tiny_model}", "--set", f"data.train={data}"]
+    bad_row = runner.invoke(app, [*args, "--set", f"output_dir={tmp_path / 'run'}"])
+    assert bad_row.exit_code == 2
+    assert "pairs.jsonl:2: missing 'rejected'" in bad_row.output
