@@ -144,8 +144,12 @@ def build_prefloop(data_path: Path, out: Path, steps: int):
     return build_dpo_trainer(config)
 
 
-def worker(method: str, data_path: Path, warmup: int, steps: int) -> dict:
+def worker(method: str, data_path: Path, warmup: int, steps: int, threads: int | None) -> dict:
     """Train one contender and report step times, tokens, losses and peak RSS."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -196,10 +200,10 @@ def worker(method: str, data_path: Path, warmup: int, steps: int) -> dict:
     }
 
 
-def run_worker(method: str, data_path: Path, warmup: int, steps: int) -> dict:
+def run_worker(method: str, data_path: Path, warmup: int, steps: int, threads: int | None) -> dict:
     out = data_path.with_name(f"{method}.json")
     cmd = [sys.executable, __file__, "--worker", method, "--data", str(data_path), "--result", str(out)]
-    cmd += ["--warmup", str(warmup), "--steps", str(steps)]
+    cmd += ["--warmup", str(warmup), "--steps", str(steps)] + (["--threads", str(threads)] if threads else [])
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{result.stderr[-3000:]}")
@@ -214,12 +218,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for every contender (default: torch's). On a shared 2-core box, 1 avoids "
+        "OpenMP barriers waiting on a descheduled thread, which slows elementwise ops several-fold.",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
-        opts.result.write_text(json.dumps(worker(opts.worker, opts.data, opts.warmup, opts.steps)))
+        opts.result.write_text(
+            json.dumps(worker(opts.worker, opts.data, opts.warmup, opts.steps, opts.threads))
+        )
         return
 
     from rich.console import Console
@@ -238,7 +250,7 @@ def main() -> None:
             order = methods if round_ % 2 == 0 else methods[::-1]
             for method in order:
                 console.print(f"round {round_ + 1}/{opts.rounds}: {method} ...")
-                runs[method].append(run_worker(method, data_path, opts.warmup, opts.steps))
+                runs[method].append(run_worker(method, data_path, opts.warmup, opts.steps, opts.threads))
     peak = max(r["bf16_peak_gflops"] for results in runs.values() for r in results)
     flops_per_token = 4 * model_params()
 
@@ -256,7 +268,10 @@ def main() -> None:
             "losses": results[0]["losses"],
             "setup_s": statistics.mean(r["setup_s"] for r in results),
         }
-    table = Table(title=f"DPO, {MODEL} + LoRA r16, 4 pairs/step, bf16 matmul peak {peak:.0f} GFLOP/s")
+    threads = opts.threads or "default"
+    table = Table(
+        title=f"DPO, {MODEL} + LoRA r16, 4 pairs/step, torch threads {threads}, bf16 matmul peak {peak:.0f} GFLOP/s"
+    )
     for col in (
         "method",
         "s/step",
