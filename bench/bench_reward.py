@@ -7,8 +7,9 @@ pairs (the bundled house-style set, train split), same batch size, learning rate
 - trl-default: `RewardTrainer(model=<path>, args=RewardConfig(...), peft_config=...)` with RewardConfig's
   defaults for everything that affects speed: fp32 weights under bf16 autocast, gradient checkpointing,
   random batches;
-- prefloop:    `reward.trainer.build_reward_trainer` (shared prompt prefix, bf16 weights, no checkpointing,
-  eager attention on CPU, length-grouped batches).
+- prefloop:    `reward.trainer.build_reward_trainer` with its defaults (shared prompt prefix, bf16 frozen
+  weights with fp32 LoRA/head masters, no checkpointing, eager attention on CPU, length-grouped batches);
+- prefloop-bf16: the same with `reward.trainable_dtype=bf16` (trainable weights in bf16 too, no autocast).
 Each runs in its own process; with --rounds > 1 the order alternates so a noisy neighbour slows both.
 Throughput = pairs / second over the steps after the first `--warmup`, by wall clock and by process
 CPU time (with --threads 1 the latter barely depends on what else the machine runs); accuracy = pairwise accuracy
@@ -32,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "smollm2-135m-instruct"
-METHODS = ("trl-default", "prefloop")
+METHODS = ("trl-default", "prefloop", "prefloop-bf16")
 LEARNING_RATE = 5e-4
 
 
@@ -86,7 +87,7 @@ def trl_default_trainer(args: argparse.Namespace, out: Path, train: object, toke
     )
 
 
-def prefloop_trainer(args: argparse.Namespace, out: Path) -> object:
+def prefloop_trainer(args: argparse.Namespace, out: Path, extra: list[str]) -> object:
     from alignment.config import load_config
     from reward.trainer import RewardRunConfig, build_reward_trainer
 
@@ -104,6 +105,7 @@ def prefloop_trainer(args: argparse.Namespace, out: Path) -> object:
             "training.lr_scheduler=cosine",
             "training.save_steps=100000",
             f"training.logging_steps={args.steps}",
+            *extra,
         ],
     )
     return build_reward_trainer(config)
@@ -123,7 +125,9 @@ def worker(args: argparse.Namespace) -> None:
     train, eval_ds, _ = prepare_preferences(PreferenceDataSettings(max_length=256), tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         if args.worker == "prefloop":
-            trainer = prefloop_trainer(args, Path(tmp))
+            trainer = prefloop_trainer(args, Path(tmp), [])
+        elif args.worker == "prefloop-bf16":
+            trainer = prefloop_trainer(args, Path(tmp), ["reward.trainable_dtype=bf16"])
         else:
             trainer = trl_default_trainer(args, Path(tmp), train, tokenizer)
         times, timer = step_timer()
@@ -216,14 +220,13 @@ def main() -> None:
             runs[0]["weights_dtype"],
         )
     Console().print(table)
-    for key, what in (("pairs_per_second", "wall clock"), ("pairs_per_cpu_second", "CPU time")):
-        ratio = summary["prefloop"][key] / summary["trl-default"][key]
-        verdict = "meets" if ratio >= 4 else "misses"
-        print(f"speedup prefloop / trl-default by {what}: {ratio:.2f}x ({verdict} the 4x target)")
-    print(
-        f"accuracy: prefloop {summary['prefloop']['accuracy']:.2f} vs trl-default "
-        f"{summary['trl-default']['accuracy']:.2f} on {results['prefloop'][0]['eval_pairs']} held-out pairs"
-    )
+    for method in METHODS[1:]:
+        for key, what in (("pairs_per_second", "wall clock"), ("pairs_per_cpu_second", "CPU time")):
+            ratio = summary[method][key] / summary["trl-default"][key]
+            verdict = "meets" if ratio >= 4 else "misses"
+            print(f"speedup {method} / trl-default by {what}: {ratio:.2f}x ({verdict} the 4x target)")
+    accuracies = ", ".join(f"{m} {summary[m]['accuracy']:.2f}" for m in METHODS)
+    print(f"held-out accuracy ({results['prefloop'][0]['eval_pairs']} pairs): {accuracies}")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ class RewardSettings(StrictModel):
     )
     group_by_length: bool = Field(True, description="Batch pairs of similar length together: less padding.")
     shared_prefix: bool = Field(True, description="Run each pair's common prompt prefix once for both sides.")
+    trainable_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="LoRA + head weights: fp32 masters under bf16 autocast, or bf16 without autocast "
+        "(no casts: ~15% faster on CPU, but updates below bf16 resolution round away late in the schedule).",
+    )
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="auto = eager on CPU (faster backward for short sequences), sdpa on GPU."
     )
@@ -190,12 +195,12 @@ def with_margin(dataset: Dataset, scale: float) -> Dataset:
     return dataset.map(lambda ex: {"margin": scale * (ex["annotator_agreement"] or 0.0)})
 
 
-def fp32_trainable_params(model: torch.nn.Module) -> None:
-    """Master copies of the few trainable weights (LoRA, score head) in fp32: AdamW updates of bf16 weights
-    round away. Autocast still runs their matmuls in bf16, and the frozen bf16 base is never copied."""
+def cast_trainable_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """fp32: master copies of the few trainable weights (LoRA, score head), so small AdamW updates are not
+    rounded away; autocast still runs their matmuls in bf16 and the frozen bf16 base is never copied."""
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def reward_model(config: RewardRunConfig) -> torch.nn.Module:
@@ -232,6 +237,11 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
     )
     peft_config = lora_config(config.lora, task_type="SEQ_CLS")
     peft_config.modules_to_save = ["score"]  # the randomly initialised head must be trained and saved
+    pure_bf16 = config.reward.trainable_dtype == "bf16" and args.bf16
+    if pure_bf16:
+        # Every weight is bf16 already: autocast would only add casts. (mixed_precision is derived
+        # from bf16 when the arguments are built, so both change.)
+        args.bf16, args.mixed_precision = False, "no"
     collator = SharedPrefixCollator(tokenizer.pad_token_id) if config.reward.shared_prefix else None
     trainer = PrefloopRewardTrainer(
         model=reward_model(config),
@@ -243,7 +253,7 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
         peft_config=peft_config,
         callbacks=callbacks(config, has_eval),
     )
-    fp32_trainable_params(trainer.model)
+    cast_trainable_params(trainer.model, torch.bfloat16 if pure_bf16 else torch.float32)
     trainer.prefloop_data_report = report  # type: ignore[attr-defined]
     return trainer
 

@@ -91,3 +91,24 @@ def test_train_reward_cli_reports_bad_config_and_bad_data(tiny_model: Path, tmp_
     bad_row = runner.invoke(app, [*args, "--set", f"output_dir={tmp_path / 'run'}"])
     assert bad_row.exit_code == 2
     assert "pairs.jsonl:2: missing 'rejected'" in bad_row.output
+
+
+def test_bf16_trainable_dtype_trains_without_autocast(
+    tiny_model: Path, marker_data: dict[str, Path], tmp_path: Path
+) -> None:
+    import torch
+
+    from reward.trainer import device_plan
+
+    overrides = tiny_reward_overrides(tiny_model, tmp_path, marker_data["train"], marker_data["eval"])
+    config = load_config(
+        RewardRunConfig, None, [*overrides, "reward.trainable_dtype=bf16", "training.max_steps=2"]
+    )
+    if device_plan(config).dtype != torch.bfloat16:
+        pytest.skip("this machine has no native bf16, so trainable_dtype=bf16 does not apply")
+    trainer = build_reward_trainer(config)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
+    assert trainer.accelerator.mixed_precision == "no"
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
