@@ -72,7 +72,8 @@ class EvalConfig(StrictModel):
     candidate: ModelSpec
     baseline: ModelSpec = Field(default_factory=ModelSpec, description="Default: the candidate's base model.")
     reference: ModelSpec | None = Field(
-        None, description="Policy KL and implicit rewards are measured against (default: adapter disabled)."
+        None,
+        description="Model that KL and implicit rewards are measured against (default: adapter disabled).",
     )
     reward_model: Path = Field(..., description="Reward model directory (from `prefloop train reward`).")
     prompts: Path = Field(
