@@ -211,8 +211,9 @@ def resolve_model(name_or_path: str | Path) -> str:
         return str(pull_model(name))
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not a model directory (no config.json)")
+        # An adapter directory carries its tokenizer too, so it names a tokenizer source as well.
+        if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ModelError(f"{path}: not a model or adapter directory (no config.json or adapter_config.json)")
         return str(path)
     return name
 

@@ -90,5 +90,5 @@ def test_unknown_model_id_is_a_clear_error() -> None:
 
 
 def test_directory_without_config_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="not a model directory"):
+    with pytest.raises(ModelError, match="not a model or adapter directory"):
         resolve_model(tmp_path)
