@@ -290,7 +290,11 @@ def ppo_worker(loop_config: dict[str, Any]) -> None:
             "mini_batch_size": config.ppo.mini_batch_size // world,
         }
     )
-    local = config.model_copy(update={"ppo": ppo, "distributed": DistributedSettings(), "resume": False})
+    # ...and a 1/N share of the epochs, so its LR schedule spans the same number of steps as the run.
+    training = config.training.model_copy(update={"epochs": config.training.epochs / world})
+    local = config.model_copy(
+        update={"ppo": ppo, "training": training, "distributed": DistributedSettings(), "resume": False}
+    )
     trainer, prompts, prompt_ids = build_ppo_trainer(local, reward_fn)
     params = [p for m in (trainer.policy, trainer.critic) for p in m.parameters() if p.requires_grad]
     for param in params:  # identical starting weights, whatever each worker's RNG did

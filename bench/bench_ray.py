@@ -3,7 +3,7 @@
     python bench/bench_ray.py [--model smollm2-135m-instruct] [--steps 8] [--global-batch 8]
 
 Three runs of the same config (data, LoRA, steps, global batch), one after the other:
-  local     this process, no Ray, torch on every core
+  local     this process, no Ray, torch on every core (and again on one thread)
   ray x1    one Ray worker holding every core
   ray x2    two Ray workers, one core each, DDP over gloo, half the batch each
 `samples/s` is HF's `train_samples_per_second` (global samples over `train()`'s wall time, so after
@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import ray
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -62,6 +63,9 @@ def main() -> None:
     batch = args.global_batch
     runs = {
         "local": (batch,),
+        # Isolates what the 2-worker run gains from each process using one thread: on a busy machine
+        # a descheduled OpenMP thread stalls its sibling, which single-threaded workers never suffer.
+        "local 1 thread": (batch,),
         "ray x1": (batch, "distributed.backend=ray", f"distributed.resources_per_worker={{CPU: {cores}}}"),
         "ray x2": (
             batch // 2,
@@ -71,9 +75,11 @@ def main() -> None:
         ),
     }
     results = {}
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         for name, (per_worker_batch, *distributed) in runs.items():
             Console(stderr=True).print(f"[bold]{name}[/]: {args.steps} steps, global batch {batch}")
+            torch.set_num_threads(1 if name == "local 1 thread" else threads)
             out = f"{tmp}/{name.replace(' ', '')}"
             results[name] = measure(args.model, out, args.steps, per_worker_batch, *distributed)
     ray.shutdown()

@@ -34,13 +34,14 @@ def sft_rows(tmp_path: Path, n: int) -> Path:
 
 
 class CrashOnce(TrainerCallback):
-    """Kills the rank-1 worker process at `step`, once: the marker file survives the restart."""
+    """Kills the last worker's process at `step`, once: the marker file survives the restart."""
 
     def __init__(self, step: int, marker: Path) -> None:
         self.step, self.marker = step, marker
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step and os.environ.get("RANK") == "1" and not self.marker.exists():
+        last_rank = os.environ.get("RANK") == str(int(os.environ.get("WORLD_SIZE", "1")) - 1)
+        if state.global_step == self.step and last_rank and not self.marker.exists():
             self.marker.touch()
             os._exit(1)  # no cleanup, no exception: like an OOM kill or a lost node
 
