@@ -44,8 +44,11 @@ class SFTRunConfig(RunConfig):
 
 
 def _token_length(tokenizer: PreTrainedTokenizerBase, example: dict) -> int:
-    ids = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=True)
-    return len(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return len(
+        tokenizer.apply_chat_template(
+            example["prompt"] + example["completion"], tokenize=True, return_dict=False
+        )
+    )
 
 
 def build_datasets(

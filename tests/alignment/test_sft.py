@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 
 from alignment.config import load_config
 from alignment.data_files import DataError
@@ -50,9 +51,15 @@ def test_sft_lowers_eval_loss_and_reloads_with_same_logits(tiny_model: Path, tmp
     ids = tokenizer("Ahoy! The capital of Peru is Lima.", return_tensors="pt")["input_ids"]
     trained = trainer.model.eval()
     reloaded = load_with_adapter(None, cfg.output_dir).eval()
+    # The saved LoRA weights are exactly the trained ones...
+    saved, live = get_peft_model_state_dict(reloaded), get_peft_model_state_dict(trained)
+    assert saved and saved.keys() == live.keys()
+    for name, tensor in live.items():
+        torch.testing.assert_close(saved[name], tensor, atol=0, rtol=0)
+    # ...and the logits agree up to bf16 rounding in the base weights' matmuls.
     with torch.no_grad():
         torch.testing.assert_close(
-            trained(ids).logits.float(), reloaded(ids).logits.float(), atol=1e-2, rtol=1e-2
+            trained(ids).logits.float(), reloaded(ids).logits.float(), atol=5e-2, rtol=2e-2
         )
 
 
@@ -91,9 +98,9 @@ def test_qlora_4bit_trains_and_saves(tiny_model: Path, tmp_path: Path) -> None:
 
 def test_overlength_rows_are_counted_then_dropped_or_kept(tiny_model: Path, tmp_path: Path) -> None:
     tokenizer = load_tokenizer(tiny_model)
-    kept = build_datasets(tiny_config(tiny_model, tmp_path, "data.max_length=40"), tokenizer)
+    kept = build_datasets(tiny_config(tiny_model, tmp_path, "data.max_length=60"), tokenizer)
     dropped = build_datasets(
-        tiny_config(tiny_model, tmp_path, "data.max_length=40", "data.overlength=drop"), tokenizer
+        tiny_config(tiny_model, tmp_path, "data.max_length=60", "data.overlength=drop"), tokenizer
     )
     assert kept[2]["overlength_examples"] > 0
     assert kept[2]["overlength_examples"] == dropped[2]["dropped_examples"]
