@@ -895,8 +895,6 @@ def load_ppo_models(run_dir: str | Path, plan: DevicePlan | None = None) -> tupl
 
 
 def _check_supported(config: PPORunConfig) -> None:
-    if config.distributed.backend == "ray":
-        raise ConfigError("ppo: distributed.backend=ray is not supported yet; PPO runs in one process")
     if config.resume:
         raise ConfigError(
             "ppo: resume is not supported; start a new run (init_adapter can be a previous run)"
@@ -962,10 +960,12 @@ def build_ppo_trainer(
 
 def train_ppo(config: PPORunConfig, reward_fn: RewardFn) -> dict[str, Any]:
     """Run PPO and write policy adapter, value head, config, per-step log, curves and model card."""
-    trainer, prompts, prompt_ids = build_ppo_trainer(config, reward_fn)
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     dump_config(config, out / "prefloop-config.yaml")
+    if config.distributed.backend == "ray":
+        return _train_ppo_on_ray(config, reward_fn)
+    trainer, prompts, prompt_ids = build_ppo_trainer(config, reward_fn)
     run = _start_wandb(config)
     steps = total_steps(config, len(prompts))
     rng = random.Random(config.training.seed)
@@ -1009,6 +1009,21 @@ def train_ppo(config: PPORunConfig, reward_fn: RewardFn) -> dict[str, Any]:
         run.finish()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     data = [p for p in (config.data.prompts, config.data.ptx) if p]
+    write_model_card(out, "ppo", config, data_fingerprint(data), metrics)
+    return metrics
+
+
+def _train_ppo_on_ray(config: PPORunConfig, reward_fn: RewardFn) -> dict[str, Any]:
+    """Data-parallel PPO on Ray workers; the run dir ends up as a local run leaves it."""
+    from alignment.distributed import run_ppo_on_ray
+
+    _check_supported(config)
+    history, ray_metrics = run_ppo_on_ray(config, reward_fn)
+    out = config.output_dir
+    plot_curves(history, out / "ppo_curves.png")
+    data = [p for p in (config.data.prompts, config.data.ptx) if p]
+    metrics = {**_summary(history, len(load_prompts(config.data.prompts))), **ray_metrics}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_model_card(out, "ppo", config, data_fingerprint(data), metrics)
     return metrics
 

@@ -9,7 +9,7 @@ import pytest
 
 from alignment.config import ConfigError, load_config
 from alignment.distributed import run_ppo_on_ray
-from alignment.ppo import PPORunConfig, load_ppo_models
+from alignment.ppo import PPORunConfig, load_ppo_models, train_ppo
 from tests.distributed.conftest import shorter_is_better
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
@@ -45,7 +45,9 @@ def test_data_parallel_ppo_keeps_replicas_identical_and_saves_the_policy(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     config = ppo_config(tiny_model, tmp_path)
-    history, metrics = run_ppo_on_ray(config, shorter_is_better)
+    metrics = train_ppo(config, shorter_is_better)  # the CLI's path: dispatches on distributed.backend
+    history = [json.loads(line) for line in (config.output_dir / "ppo_log.jsonl").read_text().splitlines()]
+    assert (config.output_dir / "ppo_curves.png").is_file() and (config.output_dir / "metrics.json").is_file()
 
     assert len(history) == 2
     assert metrics["ray_workers"] == 2
