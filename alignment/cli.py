@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -32,6 +32,7 @@ WorkersOption = Annotated[
 ]
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
+C = TypeVar("C")
 
 
 @contextmanager
@@ -56,6 +57,23 @@ def run_overrides(
     if workers is not None:
         out.append(f"distributed.num_workers={workers}")
     return out
+
+
+def run_stage(
+    config_cls: type[C],
+    train: Callable[[C], dict[str, Any]],
+    config: Path | None,
+    overrides: list[str] | None,
+    resume: bool = False,
+    ray: bool = False,
+    workers: int | None = None,
+) -> tuple[C, dict[str, Any]]:
+    """Load the stage's config (file + flags) and train; bad input exits 2 with its message."""
+    from alignment.config import load_config
+
+    with cli_errors():
+        cfg = load_config(config_cls, config, run_overrides(overrides, resume, ray, workers))
+        return cfg, train(cfg)
 
 
 def print_metrics(title: str, metrics: dict[str, object]) -> None:
@@ -141,12 +159,9 @@ def train_sft_command(
     workers: WorkersOption = None,
 ) -> None:
     """Supervised fine-tuning of a LoRA/QLoRA adapter (TRL SFTTrainer)."""
-    from alignment.config import load_config
     from alignment.sft import SFTRunConfig, train_sft
 
-    with cli_errors():
-        cfg = load_config(SFTRunConfig, config, run_overrides(overrides, resume, ray, workers))
-        metrics = train_sft(cfg)
+    cfg, metrics = run_stage(SFTRunConfig, train_sft, config, overrides, resume, ray, workers)
     print_metrics(f"SFT -> {cfg.output_dir}", metrics)
 
 
@@ -158,12 +173,9 @@ def train_dpo_command(
     workers: WorkersOption = None,
 ) -> None:
     """Direct Preference Optimization from an SFT adapter on chosen/rejected pairs (TRL DPOTrainer)."""
-    from alignment.config import load_config
     from alignment.dpo import DPORunConfig, train_dpo
 
-    with cli_errors():
-        cfg = load_config(DPORunConfig, config, run_overrides(overrides, resume, ray, workers))
-        metrics = train_dpo(cfg)
+    cfg, metrics = run_stage(DPORunConfig, train_dpo, config, overrides, resume, ray, workers)
     print_metrics(f"DPO -> {cfg.output_dir}", metrics)
 
 
@@ -175,12 +187,9 @@ def train_kto_command(
     workers: WorkersOption = None,
 ) -> None:
     """KTO on unpaired thumbs-up/thumbs-down feedback (TRL KTOTrainer)."""
-    from alignment.config import load_config
     from alignment.kto import KTORunConfig, train_kto
 
-    with cli_errors():
-        cfg = load_config(KTORunConfig, config, run_overrides(overrides, resume, ray, workers))
-        metrics = train_kto(cfg)
+    cfg, metrics = run_stage(KTORunConfig, train_kto, config, overrides, resume, ray, workers)
     print_metrics(f"KTO -> {cfg.output_dir}", metrics)
 
 

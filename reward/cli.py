@@ -22,6 +22,7 @@ from alignment.cli import (
     cli_errors,
     print_metrics,
     run_overrides,
+    run_stage,
 )
 
 reward_app = typer.Typer(help="Reward models: score responses.", no_args_is_help=True)
@@ -35,12 +36,9 @@ def train_reward_command(
     workers: WorkersOption = None,
 ) -> None:
     """Train a reward model (LoRA + scalar head, TRL RewardTrainer) on preference pairs."""
-    from alignment.config import load_config
     from reward.trainer import RewardRunConfig, train_reward
 
-    with cli_errors():
-        cfg = load_config(RewardRunConfig, config, run_overrides(overrides, resume, ray, workers))
-        metrics = train_reward(cfg)
+    cfg, metrics = run_stage(RewardRunConfig, train_reward, config, overrides, resume, ray, workers)
     shown = {k: v for k, v in metrics.items() if k.startswith(("heldout_", "train_loss", "train_runtime"))}
     print_metrics(f"reward -> {cfg.output_dir} (report: reward_eval.json / .png)", shown)
 
