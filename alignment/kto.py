@@ -182,7 +182,6 @@ def build_kto_trainer(config: KTORunConfig) -> KTOTrainer:
         peft_config=peft_config,
         callbacks=callbacks(config, has_eval),
     )
-    trainer.prefloop_data_stats = stats  # type: ignore[attr-defined]
     return trainer
 
 

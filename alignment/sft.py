@@ -101,7 +101,7 @@ def build_sft_trainer(config: SFTRunConfig) -> SFTTrainer:
         packing=config.data.packing,
         completion_only_loss=True,  # loss on the assistant's tokens only
     )
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=train,
@@ -110,8 +110,6 @@ def build_sft_trainer(config: SFTRunConfig) -> SFTTrainer:
         peft_config=lora_config(config.lora),
         callbacks=callbacks(config, has_eval),
     )
-    trainer.prefloop_data_stats = stats  # type: ignore[attr-defined]
-    return trainer
 
 
 def train_sft(config: SFTRunConfig) -> dict:
