@@ -41,10 +41,12 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
 from alignment.config import StrictModel
+from alignment.lora_precision import keep_activations_in_autocast_dtype
 from alignment.models import adapter_base_model, load_causal_lm, load_tokenizer, resolve_model
 from alignment.preference_data import PreferenceDataSettings, prepare_preferences
 from alignment.reference_cache import ReferenceCache, attach, cache_key
 from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
+from alignment.shared_prompt import mask_for_attention, pack_pairs
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +171,9 @@ class SharedPromptBatch:
 def share_prompts(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> SharedPromptBatch | None:
-    """TRL's [chosen rows; rejected rows] batch -> one row per pair, the prompt run once.
+    """TRL's [chosen rows; rejected rows] batch -> one row per pair, the prompt run once (`pack_pairs`).
 
-    The chosen and rejected rows of a pair start with the same prompt tokens, a third to a half of the
-    batch for chat data. Here the rejected completion follows the chosen one in the same row, with
-    position ids restarting after the prompt and a mask that hides the chosen completion from it, so
-    every token sees exactly the context it has in its own row. None when the rows do not pair up.
+    None when the rows do not pair up (odd count, or a pair whose prompts differ).
     """
     n_rows = input_ids.shape[0]
     if n_rows % 2:
@@ -182,40 +181,32 @@ def share_prompts(
     pairs = n_rows // 2
     lengths = attention_mask.sum(1).tolist()
     starts = (labels != -100).int().argmax(1).tolist()  # first completion token of each row
-    device = input_ids.device
-    rows_out: list[tuple[torch.Tensor, ...]] = []
+    prompts, chosen, rejected = [], [], []
     for i in range(pairs):
         p, j = starts[i], pairs + i
         if p == 0 or starts[j] != p or not torch.equal(input_ids[i, :p], input_ids[j, :p]):
             return None
-        c, r = lengths[i] - p, lengths[j] - p
-        ids = torch.cat([input_ids[i, : p + c], input_ids[j, p : p + r]])
-        pos = torch.cat([torch.arange(p + c, device=device), torch.arange(p, p + r, device=device)])
+        prompts.append(input_ids[i, :p])
+        chosen.append(input_ids[i, p : lengths[i]])
+        rejected.append(input_ids[j, p : lengths[j]])
+    packed = pack_pairs(prompts, chosen, rejected)
+    device, width = input_ids.device, packed.width
+    predictor, targets, rows, cols = [], [], [], []
+    for b, (p, c, r) in enumerate(
+        zip(packed.prompt_lens, packed.chosen_lens, packed.rejected_lens, strict=True)
+    ):
         # Scored tokens: chosen at t in [p, p+c) is predicted from index t-1; rejected at t in [p, p+r)
         # sits at index c+t and is predicted from index c+t-1, except its first token: from the prompt's last.
         t_c, t_r = torch.arange(p, p + c, device=device), torch.arange(p, p + r, device=device)
         pred_r = torch.where(t_r == p, p - 1, c + t_r - 1)
-        rows_out.append((ids, pos, p, c, t_c, t_r, pred_r, i, j))
-    width = max(len(x[0]) for x in rows_out)
-    batch_ids = input_ids.new_zeros(pairs, width)
-    batch_pos = torch.zeros(pairs, width, dtype=torch.long, device=device)
-    q = torch.arange(width, device=device)[:, None]
-    k = torch.arange(width, device=device)[None, :]
-    masks, predictor, targets, rows, cols = [], [], [], [], []
-    for b, (ids, pos, p, c, t_c, t_r, pred_r, i, j) in enumerate(rows_out):
-        batch_ids[b, : len(ids)] = ids
-        batch_pos[b, : len(pos)] = pos
-        chosen_key = (k >= p) & (k < p + c)
-        rejected_query = q >= p + c
-        masks.append((k <= q) & (k < len(ids)) & ~(rejected_query & chosen_key))
         predictor += [b * width + t_c - 1, b * width + pred_r]
-        targets += [input_ids[i, t_c], input_ids[j, t_r]]
-        rows += [torch.full_like(t_c, i), torch.full_like(t_r, j)]
+        targets += [chosen[b], rejected[b]]
+        rows += [torch.full_like(t_c, b), torch.full_like(t_r, pairs + b)]
         cols += [t_c - 1, t_r - 1]
     return SharedPromptBatch(
-        input_ids=batch_ids,
-        position_ids=batch_pos,
-        attention_mask=torch.stack(masks)[:, None],
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        attention_mask=packed.attention_mask,
         predictor=torch.cat(predictor),
         targets=torch.cat(targets),
         rows=torch.cat(rows),
@@ -258,7 +249,9 @@ def add_completion_lm_head(model: PreTrainedModel, share_prompt: bool = True) ->
             hidden = self.base_model(
                 input_ids=shared.input_ids,
                 position_ids=shared.position_ids,
-                attention_mask=shared.attention_mask,
+                attention_mask=mask_for_attention(
+                    shared.attention_mask, self, self.get_input_embeddings().weight.dtype
+                ),
                 use_cache=False,
                 **kwargs,
             ).last_hidden_state
@@ -289,20 +282,6 @@ def add_completion_lm_head(model: PreTrainedModel, share_prompt: bool = True) ->
         )
 
     model.forward = types.MethodType(forward, model)
-
-
-def keep_activations_in_autocast_dtype(model: torch.nn.Module) -> None:
-    """Stop PEFT from casting every LoRA input to the adapter's fp32.
-
-    Under bf16 autocast the LoRA matmuls run in bf16 anyway, so that cast is a copy of the activations
-    that autocast undoes at once - twice per adapted layer per forward, and again in the backward.
-    The profile of a DPO step showed these copies at ~20% of the time; the numbers are unchanged.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
 
 
 # --- trainer ----------------------------------------------------------------------------------------

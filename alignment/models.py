@@ -213,7 +213,9 @@ def resolve_model(name_or_path: str | Path) -> str:
     if path.exists():
         # An adapter directory carries its tokenizer too, so it names a tokenizer source as well.
         if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
-            raise ModelError(f"{path}: not a model or adapter directory (no config.json or adapter_config.json)")
+            raise ModelError(
+                f"{path}: not a model or adapter directory (no config.json or adapter_config.json)"
+            )
         return str(path)
     return name
 

@@ -7,9 +7,11 @@ Loss (Bradley-Terry, Ouyang et al. 2022; margin from Llama 2, Touvron et al. 202
     loss = -log sigmoid(r_chosen - r_rejected - margin),  margin = agreement_margin * annotator_agreement
 
 What makes it fast, all within TRL's RewardTrainer:
-- shared prompt prefix: chosen and rejected share their prompt (with a chat template's system
-  prompt, often half the tokens), so each pair's common prefix is run once and its KV cache serves
-  both responses; with causal attention this is exactly the full-sequence computation;
+- one row per pair: chosen and rejected share their prompt (with a chat template's system prompt,
+  often half the tokens), so a pair runs as [prompt | chosen | rejected] under a mask that hides the
+  chosen response from the rejected one (`alignment.shared_prompt`): exactly the full-sequence
+  numbers, with the prompt computed once and one matmul per layer instead of two half-sized ones;
+- PEFT does not copy LoRA inputs to fp32 under autocast (`alignment.lora_precision`);
 - bf16 base weights (TRL's default loads fp32 and autocasts, copying every weight on every forward);
 - no gradient checkpointing (the small models this runs fit; TRL's default recomputes activations);
 - on CPU, eager attention: for chat-length sequences PyTorch's CPU flash-attention backward costs
@@ -21,19 +23,21 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from datasets import Dataset
 from pydantic import Field
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import common_prefix_length
 
 from alignment.config import StrictModel
+from alignment.lora_precision import cast_trainable_params, keep_activations_in_autocast_dtype
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.preference_data import PreferenceDataSettings, prepare_preferences
 from alignment.runner import (
@@ -46,6 +50,7 @@ from alignment.runner import (
     training_arguments,
     write_model_card,
 )
+from alignment.shared_prompt import mask_for_attention, pack_pairs
 from reward.metrics import reward_metrics, write_reward_metrics
 from reward.scorer import RewardScorer
 
@@ -79,102 +84,74 @@ class RewardRunConfig(RunConfig):
 
 
 @dataclass
-class SharedPrefixCollator:
-    """Pairs -> their common token prefix (once per pair) and the two suffixes (chosen then rejected).
+class PackedPairCollator:
+    """Pairs -> one packed row each (`alignment.shared_prompt.pack_pairs`): common prefix, chosen, rejected.
 
-    Both are right-padded: suffix tokens attend to the prefix cache through the attention mask and
-    take explicit position ids, so padding inside the prefix never shifts a position.
+    `attention_mask` stays a (B, T) mask of real tokens, which TRL counts for its token metric; the
+    model reads the (B, 1, T, T) `pair_mask` and scores the rows at `score_index`.
     """
 
     pad_token_id: int
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prefixes, suffixes = [], []
+        prompts, chosen, rejected = [], [], []
         for ex in examples:
-            chosen, rejected = ex["chosen_ids"], ex["rejected_ids"]
-            # Keep at least one token per side: the reward is read at the last one.
-            n = min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
-            prefixes.append(chosen[:n])
-            suffixes.append((chosen[n:], rejected[n:]))
-        ordered = [c for c, _ in suffixes] + [
-            r for _, r in suffixes
-        ]  # TRL's order: chosen half, rejected half
-        prefix_ids, prefix_mask = self._pad(prefixes)
-        input_ids, attention_mask = self._pad(ordered)
+            c, r = ex["chosen_ids"], ex["rejected_ids"]
+            # Keep at least one token per side (the reward is read at the last one) and one shared.
+            n = min(common_prefix_length(c, r), len(c) - 1, len(r) - 1)
+            prompts.append(torch.tensor(c[:n]))
+            chosen.append(torch.tensor(c[n:]))
+            rejected.append(torch.tensor(r[n:]))
+        packed = pack_pairs(prompts, chosen, rejected, self.pad_token_id)
+        tokens = packed.token_count()
         batch = {
-            "prefix_ids": prefix_ids,
-            "prefix_attention_mask": prefix_mask,
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            "input_ids": packed.input_ids,
+            "position_ids": packed.position_ids,
+            "attention_mask": (torch.arange(packed.width)[None, :] < tokens[:, None]).long(),
+            "pair_mask": packed.attention_mask,
+            "score_index": packed.last_token_index(),
         }
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float)
         return batch
 
-    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(1, *map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, seq in enumerate(seqs):
-            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[i, : len(seq)] = 1
-        return ids, mask
 
+def add_packed_pair_scoring(model: PreTrainedModel) -> None:
+    """Let a sequence-classification model score packed pairs: `model(..., pair_mask=, score_index=)`.
 
-def shared_prefix_forward(
-    model: torch.nn.Module,
-    prefix_ids: torch.Tensor,
-    prefix_attention_mask: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    **kwargs: Any,
-) -> Any:
-    """Rewards of prefix + suffix sequences, with each prefix computed once for its two suffixes."""
-    kwargs.pop("use_cache", None)
-    kwargs.pop("margin", None)
-    prefix_len = prefix_attention_mask.sum(-1)
-    prefix_out = model(
-        input_ids=prefix_ids,
-        attention_mask=prefix_attention_mask,
-        position_ids=torch.arange(prefix_ids.shape[1], device=prefix_ids.device).expand_as(prefix_ids),
-        use_cache=True,
-    )
-    cache = prefix_out.past_key_values
-    cache.batch_repeat_interleave(2)  # [p0, p0, p1, p1, ...]: one copy per side, gradients flow to both
-    batch = prefix_ids.shape[0]
-    # Suffixes come chosen-half then rejected-half; interleave them to match the cache rows.
-    interleave = torch.arange(2 * batch, device=input_ids.device).view(2, batch).t().reshape(-1)
-    suffix_ids, suffix_mask = input_ids[interleave], attention_mask[interleave]
-    positions = prefix_len.repeat_interleave(2)[:, None] + torch.arange(
-        suffix_ids.shape[1], device=input_ids.device
-    )
-    out = model(
-        input_ids=suffix_ids,
-        attention_mask=torch.cat([prefix_attention_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1),
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=False,
-    )
-    # Back to TRL's layout (chosen half, rejected half) for its loss and metrics.
-    out.logits = out.logits.view(batch, 2, -1).transpose(0, 1).reshape(2 * batch, -1)
-    out.past_key_values = None
-    return out
+    Returns the scores at `score_index` as `logits` (2B, 1), chosen half then rejected half, which is
+    the layout TRL's `RewardTrainer.compute_loss` reads. Patched on the model itself, so the call
+    still goes through PEFT and, under Ray, DDP's forward (its gradient hooks need that).
+    """
+    original_forward = type(model).forward.__get__(model)
+    transformer = model.base_model
+
+    def forward(
+        self: PreTrainedModel,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pair_mask: torch.Tensor | None = None,
+        score_index: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        kwargs.pop("margin", None)
+        if pair_mask is None:
+            return original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        for unused in ("use_cache", "labels", "output_attentions", "output_hidden_states", "return_dict"):
+            kwargs.pop(unused, None)
+        mask = mask_for_attention(pair_mask, self, transformer.get_input_embeddings().weight.dtype)
+        hidden = transformer(
+            input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs
+        ).last_hidden_state
+        scores = self.score(hidden.reshape(-1, hidden.shape[-1])[score_index])
+        return SequenceClassifierOutputWithPast(logits=scores)
+
+    model.forward = types.MethodType(forward, model)
 
 
 class PrefloopRewardTrainer(RewardTrainer):
-    """TRL's RewardTrainer plus a `length` column (for HF's length-grouped sampler) and the
-    shared-prefix forward when the batch comes from `SharedPrefixCollator`."""
-
-    def compute_loss(
-        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-    ) -> Any:
-        if "prefix_ids" in inputs:
-            prefix = {
-                "prefix_ids": inputs.pop("prefix_ids"),
-                "prefix_attention_mask": inputs.pop("prefix_attention_mask"),
-            }
-            model = partial(shared_prefix_forward, model, **prefix)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    """TRL's RewardTrainer plus a `length` column (for HF's length-grouped sampler) and the packed
+    pair inputs of `PackedPairCollator`."""
 
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -195,20 +172,12 @@ def with_margin(dataset: Dataset, scale: float) -> Dataset:
     return dataset.map(lambda ex: {"margin": scale * (ex["annotator_agreement"] or 0.0)})
 
 
-def cast_trainable_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """fp32: master copies of the few trainable weights (LoRA, score head), so small AdamW updates are not
-    rounded away; autocast still runs their matmuls in bf16 and the frozen bf16 base is never copied."""
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-
-
 def reward_model(config: RewardRunConfig) -> torch.nn.Module:
     plan = device_plan(config)
     attention = config.reward.attention
     if attention == "auto":
         attention = "eager" if plan.device.type == "cpu" else "sdpa"
-    return load_causal_lm(
+    model = load_causal_lm(
         config.model,
         plan,
         quantization=config.lora.quantization,
@@ -216,6 +185,8 @@ def reward_model(config: RewardRunConfig) -> torch.nn.Module:
         num_labels=1,
         attn_implementation=attention,
     )
+    add_packed_pair_scoring(model)
+    return model
 
 
 def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
@@ -242,7 +213,7 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
         # Every weight is bf16 already: autocast would only add casts. (mixed_precision is derived
         # from bf16 when the arguments are built, so both change.)
         args.bf16, args.mixed_precision = False, "no"
-    collator = SharedPrefixCollator(tokenizer.pad_token_id) if config.reward.shared_prefix else None
+    collator = PackedPairCollator(tokenizer.pad_token_id) if config.reward.shared_prefix else None
     trainer = PrefloopRewardTrainer(
         model=reward_model(config),
         args=args,
@@ -254,6 +225,8 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
         callbacks=callbacks(config, has_eval),
     )
     cast_trainable_params(trainer.model, torch.bfloat16 if pure_bf16 else torch.float32)
+    if args.bf16:
+        keep_activations_in_autocast_dtype(trainer.model)
     trainer.prefloop_data_report = report  # type: ignore[attr-defined]
     return trainer
 

@@ -1,16 +1,18 @@
-"""The shared-prefix forward computes the same rewards and gradients as full chosen/rejected sequences."""
+"""Packed pairs (prompt once, chosen and rejected in one row) give the same rewards and gradients as full sequences."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from reward.trainer import SharedPrefixCollator, shared_prefix_forward
+from reward.trainer import PackedPairCollator, add_packed_pair_scoring
 
 
-def test_shared_prefix_forward_matches_full_sequences(tiny_model: Path) -> None:
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_pairs_match_full_sequences(tiny_model: Path, attention: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -18,8 +20,11 @@ def test_shared_prefix_forward_matches_full_sequences(tiny_model: Path) -> None:
 
     tokenizer = load_tokenizer(tiny_model)
     torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, dtype=torch.float32)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, dtype=torch.float32, attn_implementation=attention
+    )
     base.config.pad_token_id = tokenizer.pad_token_id
+    add_packed_pair_scoring(base)
     lora = LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS", init_lora_weights=False)
     model = get_peft_model(base, lora)
 
@@ -42,9 +47,9 @@ def test_shared_prefix_forward_matches_full_sequences(tiny_model: Path) -> None:
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
-    shared = SharedPrefixCollator(tokenizer.pad_token_id)(examples)
-    assert shared["input_ids"].numel() < full["input_ids"].numel()  # the point: fewer tokens
-    got = shared_prefix_forward(model, **shared).logits.squeeze(-1)
+    packed = PackedPairCollator(tokenizer.pad_token_id)(examples)
+    assert packed["input_ids"].numel() < full["input_ids"].numel()  # the point: fewer tokens
+    got = model(**packed).logits.squeeze(-1)
     got.sum().backward()
 
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
