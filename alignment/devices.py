@@ -26,9 +26,9 @@ class DevicePlan:
     def name(self) -> str:
         return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[self.dtype]
 
-    def trainer_precision(self) -> dict[str, bool]:
-        """The `bf16`/`fp16` flags for HF TrainingArguments."""
-        return {"bf16": self.dtype == torch.bfloat16, "fp16": self.dtype == torch.float16}
+    def trainer_precision(self, autocast_bf16: bool = True) -> dict[str, bool]:
+        """The `bf16`/`fp16` flags (autocast) for HF TrainingArguments."""
+        return {"bf16": self.dtype == torch.bfloat16 and autocast_bf16, "fp16": self.dtype == torch.float16}
 
 
 @lru_cache(maxsize=1)

@@ -16,8 +16,8 @@ on CPU showed under a third of the time in matmuls):
   other (`share_prompts`), instead of two rows that both carry the prompt;
 - the LM head scores only completion tokens: the (tokens x vocab) logits of the prompt and the padding
   are never built (TRL's fused head scores every position on devices without Triton);
-- under bf16 autocast PEFT no longer copies every LoRA input to fp32 and back
-  (`keep_activations_in_autocast_dtype`);
+- LoRA weights in bf16 with fp32 optimizer copies (`training.mixed_precision`, `alignment.lora_precision`):
+  no autocast casts, and no fp32 copies of LoRA inputs;
 - weights are held in bf16 (the device plan) and gradient checkpointing is off (`training` settings),
   so no fp32 weight is re-cast and no forward is recomputed.
 The loss itself is TRL's `_compute_loss`, untouched, so every TRL loss type works.
@@ -41,7 +41,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
 from alignment.config import StrictModel
-from alignment.lora_precision import keep_activations_in_autocast_dtype
+from alignment.lora_precision import MixedPrecision, apply_mixed_precision
 from alignment.models import adapter_base_model, load_causal_lm, load_tokenizer, resolve_model
 from alignment.preference_data import PreferenceDataSettings, prepare_preferences
 from alignment.reference_cache import ReferenceCache, attach, cache_key
@@ -296,6 +296,7 @@ class PrefloopDPOTrainer(DPOTrainer):
         reference_cache: ReferenceCache | None = None,
         reference_identity: tuple[str, str | None] = ("", None),
         share_prompt: bool = True,
+        mixed_precision: MixedPrecision | None = None,
         **kwargs: Any,
     ) -> None:
         dpo_args: DPOConfig = kwargs["args"]
@@ -311,8 +312,8 @@ class PrefloopDPOTrainer(DPOTrainer):
             self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model,
             share_prompt=share_prompt,
         )
-        if self.args.bf16:
-            keep_activations_in_autocast_dtype(self.model)
+        if mixed_precision is not None:  # before the reference forwards below
+            apply_mixed_precision(self, self.model.get_input_embeddings().weight.dtype, mixed_precision)
         if precompute:
             self.precompute_ref_logps = True
             batch = dpo_args.precompute_ref_batch_size
@@ -391,6 +392,7 @@ def build_dpo_trainer(config: DPORunConfig) -> PrefloopDPOTrainer:
         reference_cache=ReferenceCache(dpo.reference_cache_dir),
         reference_identity=(base, str(config.init_adapter) if config.init_adapter else None),
         share_prompt=dpo.share_prompt,
+        mixed_precision=config.training.mixed_precision,
     )
     trainer.prefloop_data_report = report  # type: ignore[attr-defined]
     return trainer

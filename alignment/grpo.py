@@ -22,6 +22,7 @@ from pydantic import Field
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from alignment.config import ConfigError, StrictModel
+from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_causal_lm, load_with_adapter
 from alignment.ppo import EXAMPLE_PROMPTS, PolicyRunConfig, RewardFn, load_policy_tokenizer, load_prompts
 from alignment.runner import callbacks, device_plan, lora_config, run_training, training_arguments
@@ -106,7 +107,7 @@ def build_grpo_trainer(config: GRPORunConfig, reward_fn: RewardFn) -> GRPOTraine
     else:
         args_cls, trainer_cls = RLOOConfig, RLOOTrainer
     args = training_arguments(args_cls, config, has_eval=False, **common)
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         reward_funcs=trl_reward_function(reward_fn),
         args=args,
@@ -115,6 +116,8 @@ def build_grpo_trainer(config: GRPORunConfig, reward_fn: RewardFn) -> GRPOTraine
         peft_config=peft_config,
         callbacks=callbacks(config, has_eval=False),
     )
+    apply_mixed_precision(trainer, plan.dtype, config.training.mixed_precision)
+    return trainer
 
 
 def train_grpo(config: GRPORunConfig, reward_fn: RewardFn) -> dict[str, Any]:

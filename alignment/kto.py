@@ -21,8 +21,9 @@ from trl import KTOConfig, KTOTrainer
 from alignment.config import StrictModel
 from alignment.data_files import DataError, read_rows
 from alignment.dpo import PolicyRunConfig, load_policy
+from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_tokenizer, resolve_model
-from alignment.runner import callbacks, run_training, training_arguments
+from alignment.runner import callbacks, device_plan, run_training, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def build_kto_trainer(config: KTORunConfig) -> KTOTrainer:
         peft_config=peft_config,
         callbacks=callbacks(config, has_eval),
     )
+    apply_mixed_precision(trainer, device_plan(config).dtype, config.training.mixed_precision)
     return trainer
 
 

@@ -27,6 +27,7 @@ from alignment.config import (
     dump_config,
 )
 from alignment.devices import DevicePlan, DTypeName, plan_device
+from alignment.lora_precision import MixedPrecision
 from alignment.models import DEFAULT_MODEL
 from alignment.progress import RichProgress
 
@@ -53,6 +54,11 @@ class TrainingSettings(StrictModel):
         None, description="Evaluations without improvement before stopping."
     )
     gradient_checkpointing: bool = False
+    mixed_precision: MixedPrecision = Field(
+        "master",
+        description="bf16 plans: trainable weights bf16 with fp32 optimizer copies (master), fp32 under "
+        "autocast, or bf16 throughout (pure). See alignment.lora_precision.",
+    )
     dtype: DTypeName = Field("auto", description="auto = bf16 where the hardware has it, else fp16/fp32.")
     seed: int = 42
 
@@ -137,7 +143,7 @@ def training_arguments(args_cls: type[A], config: RunConfig, has_eval: bool, **e
         run_name=config.tracking.run_name or config.output_dir.name,
         use_cpu=plan.device.type == "cpu",
         disable_tqdm=True,  # rich progress instead (see `callbacks`)
-        **plan.trainer_precision(),
+        **plan.trainer_precision(autocast_bf16=t.mixed_precision == "autocast"),
         **extra,
     )
 

@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from alignment.config import StrictModel
 from alignment.data_files import DataError
+from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
 from alignment.sft_data import load_conversations, to_prompt_completion
@@ -101,7 +102,7 @@ def build_sft_trainer(config: SFTRunConfig) -> SFTTrainer:
         packing=config.data.packing,
         completion_only_loss=True,  # loss on the assistant's tokens only
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train,
@@ -110,6 +111,8 @@ def build_sft_trainer(config: SFTRunConfig) -> SFTTrainer:
         peft_config=lora_config(config.lora),
         callbacks=callbacks(config, has_eval),
     )
+    apply_mixed_precision(trainer, device_plan(config).dtype, config.training.mixed_precision)
+    return trainer
 
 
 def train_sft(config: SFTRunConfig) -> dict:

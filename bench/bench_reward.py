@@ -7,9 +7,10 @@ pairs (the bundled house-style set, train split), same batch size, learning rate
 - trl-default: `RewardTrainer(model=<path>, args=RewardConfig(...), peft_config=...)` with RewardConfig's
   defaults for everything that affects speed: fp32 weights under bf16 autocast, gradient checkpointing,
   random batches;
-- prefloop:    `reward.trainer.build_reward_trainer` with its defaults (shared prompt prefix, bf16 frozen
-  weights with fp32 LoRA/head masters, no checkpointing, eager attention on CPU, length-grouped batches);
-- prefloop-bf16: the same with `reward.trainable_dtype=bf16` (trainable weights in bf16 too, no autocast).
+- prefloop:    `reward.trainer.build_reward_trainer` with its defaults (one packed row per pair, bf16
+  weights with fp32 optimizer copies of the LoRA/head, no autocast, no checkpointing, eager attention
+  on CPU, length-grouped batches);
+- prefloop-autocast: the same with `training.mixed_precision=autocast` (fp32 LoRA/head under bf16 autocast).
 Each runs in its own process; with --rounds > 1 the order alternates so a noisy neighbour slows both.
 Throughput = pairs / second over the steps after the first `--warmup`, by wall clock and by process
 CPU time (with --threads 1 the latter barely depends on what else the machine runs); accuracy = pairwise accuracy
@@ -33,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "smollm2-135m-instruct"
-METHODS = ("trl-default", "prefloop", "prefloop-bf16")
+METHODS = ("trl-default", "prefloop", "prefloop-autocast")
 LEARNING_RATE = 5e-4
 
 
@@ -126,8 +127,8 @@ def worker(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.worker == "prefloop":
             trainer = prefloop_trainer(args, Path(tmp), [])
-        elif args.worker == "prefloop-bf16":
-            trainer = prefloop_trainer(args, Path(tmp), ["reward.trainable_dtype=bf16"])
+        elif args.worker == "prefloop-autocast":
+            trainer = prefloop_trainer(args, Path(tmp), ["training.mixed_precision=autocast"])
         else:
             trainer = trl_default_trainer(args, Path(tmp), train, tokenizer)
         times, timer = step_timer()

@@ -11,8 +11,8 @@ What makes it fast, all within TRL's RewardTrainer:
   often half the tokens), so a pair runs as [prompt | chosen | rejected] under a mask that hides the
   chosen response from the rejected one (`alignment.shared_prompt`): exactly the full-sequence
   numbers, with the prompt computed once and one matmul per layer instead of two half-sized ones;
-- PEFT does not copy LoRA inputs to fp32 under autocast (`alignment.lora_precision`);
-- bf16 base weights (TRL's default loads fp32 and autocasts, copying every weight on every forward);
+- bf16 base weights (TRL's default loads fp32 and autocasts, copying every weight on every forward),
+  and bf16 LoRA/head weights with fp32 optimizer copies: no autocast at all (`alignment.lora_precision`);
 - no gradient checkpointing (the small models this runs fit; TRL's default recomputes activations);
 - on CPU, eager attention: for chat-length sequences PyTorch's CPU flash-attention backward costs
   several times its forward (a fifth of a step, profiled); eager attention's backward is plain matmuls;
@@ -37,7 +37,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.data_utils import common_prefix_length
 
 from alignment.config import StrictModel
-from alignment.lora_precision import cast_trainable_params, keep_activations_in_autocast_dtype
+from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.preference_data import PreferenceDataSettings, prepare_preferences
 from alignment.runner import (
@@ -66,11 +66,6 @@ class RewardSettings(StrictModel):
     )
     group_by_length: bool = Field(True, description="Batch pairs of similar length together: less padding.")
     shared_prefix: bool = Field(True, description="Run each pair's common prompt prefix once for both sides.")
-    trainable_dtype: Literal["fp32", "bf16"] = Field(
-        "fp32",
-        description="LoRA + head weights: fp32 masters under bf16 autocast, or bf16 without autocast "
-        "(no casts: ~15% faster on CPU, but updates below bf16 resolution round away late in the schedule).",
-    )
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="auto = eager on CPU (faster backward for short sequences), sdpa on GPU."
     )
@@ -208,11 +203,6 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
     )
     peft_config = lora_config(config.lora, task_type="SEQ_CLS")
     peft_config.modules_to_save = ["score"]  # the randomly initialised head must be trained and saved
-    pure_bf16 = config.reward.trainable_dtype == "bf16" and args.bf16
-    if pure_bf16:
-        # Every weight is bf16 already: autocast would only add casts. (mixed_precision is derived
-        # from bf16 when the arguments are built, so both change.)
-        args.bf16, args.mixed_precision = False, "no"
     collator = PackedPairCollator(tokenizer.pad_token_id) if config.reward.shared_prefix else None
     trainer = PrefloopRewardTrainer(
         model=reward_model(config),
@@ -224,9 +214,7 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
         peft_config=peft_config,
         callbacks=callbacks(config, has_eval),
     )
-    cast_trainable_params(trainer.model, torch.bfloat16 if pure_bf16 else torch.float32)
-    if args.bf16:
-        keep_activations_in_autocast_dtype(trainer.model)
+    apply_mixed_precision(trainer, device_plan(config).dtype, config.training.mixed_precision)
     trainer.prefloop_data_report = report  # type: ignore[attr-defined]
     return trainer
 

@@ -16,6 +16,7 @@ def test_auto_plan_on_this_machine() -> None:
 def test_forced_dtypes_and_trainer_flags() -> None:
     assert plan_device("fp32", "cpu").trainer_precision() == {"bf16": False, "fp16": False}
     assert plan_device("bf16", "cpu").trainer_precision() == {"bf16": True, "fp16": False}
+    assert plan_device("bf16", "cpu").trainer_precision(autocast_bf16=False) == {"bf16": False, "fp16": False}
     assert plan_device("bf16", "cpu").name == "bf16"
 
 

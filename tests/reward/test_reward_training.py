@@ -93,22 +93,29 @@ def test_train_reward_cli_reports_bad_config_and_bad_data(tiny_model: Path, tmp_
     assert "pairs.jsonl:2: missing 'rejected'" in bad_row.output
 
 
-def test_bf16_trainable_dtype_trains_without_autocast(
+def test_default_precision_trains_bf16_weights_against_fp32_masters(
     tiny_model: Path, marker_data: dict[str, Path], tmp_path: Path
 ) -> None:
     import torch
 
+    from alignment.lora_precision import FP32MasterWeights
     from reward.trainer import device_plan
 
     overrides = tiny_reward_overrides(tiny_model, tmp_path, marker_data["train"], marker_data["eval"])
-    config = load_config(
-        RewardRunConfig, None, [*overrides, "reward.trainable_dtype=bf16", "training.max_steps=2"]
-    )
+    config = load_config(RewardRunConfig, None, [*overrides, "training.max_steps=2"])
     if device_plan(config).dtype != torch.bfloat16:
-        pytest.skip("this machine has no native bf16, so trainable_dtype=bf16 does not apply")
+        pytest.skip("this machine has no native bf16, so training.mixed_precision does not apply")
     trainer = build_reward_trainer(config)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
-    assert trainer.accelerator.mixed_precision == "no"
+    assert trainer.accelerator.mixed_precision == "no"  # no autocast: nothing left to cast
+    masters = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, FP32MasterWeights))
+    before = [p.detach().clone() for p in trainable]
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
+    assert len(masters.pairs) == len(trainable)
+    assert all(m.dtype == torch.float32 for _, m in masters.pairs)
+    assert all(
+        torch.equal(p, m.to(torch.bfloat16)) for p, m in masters.pairs
+    )  # the model holds the rounded masters
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainable, strict=True))
