@@ -265,7 +265,7 @@ def load_causal_lm(
     """Load weights in the plan's dtype on the plan's device (QLoRA: NF4 base weights)."""
     plan = plan or plan_device()
     quant = quantization_config(quantization, plan)
-    extra: dict[str, object] = {"dtype": plan.dtype, **kwargs}
+    extra: dict[str, object] = {"dtype": plan.dtype, "attn_implementation": plan.attention, **kwargs}
     if quant is not None:
         extra["quantization_config"] = quant
         extra["device_map"] = {"": plan.device.index or 0} if plan.device.type == "cuda" else {"": "cpu"}

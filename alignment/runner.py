@@ -26,7 +26,7 @@ from alignment.config import (
     TrackingSettings,
     dump_config,
 )
-from alignment.devices import DevicePlan, DTypeName, plan_device
+from alignment.devices import AttentionName, DevicePlan, DTypeName, plan_device
 from alignment.lora_precision import MixedPrecision
 from alignment.models import DEFAULT_MODEL
 from alignment.progress import RichProgress
@@ -60,6 +60,9 @@ class TrainingSettings(StrictModel):
         "autocast, or bf16 throughout (pure). See alignment.lora_precision.",
     )
     dtype: DTypeName = Field("auto", description="auto = bf16 where the hardware has it, else fp16/fp32.")
+    attention: AttentionName = Field(
+        "auto", description="auto = eager on CPU (a faster backward on chat-length sequences), sdpa on GPU."
+    )
     seed: int = 42
 
 
@@ -79,7 +82,7 @@ C = TypeVar("C", bound=RunConfig)
 
 
 def device_plan(config: RunConfig) -> DevicePlan:
-    return plan_device(config.training.dtype)
+    return plan_device(config.training.dtype, attention=config.training.attention)
 
 
 def lora_config(settings: LoraSettings, task_type: str = "CAUSAL_LM") -> Any:

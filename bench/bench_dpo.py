@@ -7,8 +7,10 @@ Three contenders, each in its own process (so peak RSS is its own), run in alter
 - trl-default: DPOTrainer as shipped (DPOConfig defaults: fp32 weights under bf16 autocast, gradient
   checkpointing, a reference forward every step), LoRA r16 on all linear layers;
 - trl-bf16:    the same with the weights loaded in bf16 and `bf16=True`;
-- prefloop:    `alignment.dpo.build_dpo_trainer` (bf16 weights, no checkpointing, cached reference
-  log-probs, completion-only LM head).
+- prefloop:    `alignment.dpo.build_dpo_trainer` (bf16 weights with fp32 optimizer copies of the LoRA,
+  no autocast, no checkpointing, cached reference log-probs, one packed row per pair, completion-only
+  LM head);
+- prefloop-autocast (only with --methods): the same with `training.mixed_precision=autocast`.
 Throughput counts prompt+response tokens of chosen and rejected (no padding). Model FLOPs
 utilisation uses the bf16 matmul peak measured in this run; model FLOPs per token = 4 * params
 (forward 2N + activation gradients 2N: LoRA leaves the frozen weights without weight gradients).
@@ -33,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "smollm2-135m-instruct"
 METHODS = ("trl-default", "trl-bf16", "prefloop")
+EXTRA = {"prefloop": [], "prefloop-autocast": ["training.mixed_precision=autocast"]}
 LEARNING_RATE = 5e-5  # large enough that the losses of later steps move away from log(2)
 
 
@@ -114,7 +117,7 @@ def build_trl(method: str, data_path: Path, out: Path, steps: int):
     )
 
 
-def build_prefloop(data_path: Path, out: Path, steps: int):
+def build_prefloop(data_path: Path, out: Path, steps: int, extra: list[str]):
     from alignment.config import load_config
     from alignment.dpo import DPORunConfig, build_dpo_trainer
     from alignment.models import resolve_model
@@ -139,6 +142,7 @@ def build_prefloop(data_path: Path, out: Path, steps: int):
             "lora.dropout=0.0",
             "tracking.report_to=none",
             f"dpo.reference_cache_dir={out / 'reference-cache'}",  # empty: the precompute is timed
+            *extra,
         ],
     )
     return build_dpo_trainer(config)
@@ -172,8 +176,8 @@ def worker(method: str, data_path: Path, warmup: int, steps: int, threads: int |
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        if method == "prefloop":
-            trainer = build_prefloop(data_path, Path(tmp), warmup + steps)
+        if method in EXTRA:
+            trainer = build_prefloop(data_path, Path(tmp), warmup + steps, EXTRA[method])
         else:
             trainer = build_trl(method, data_path, Path(tmp), warmup + steps)
         setup = time.perf_counter() - start

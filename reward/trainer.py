@@ -14,8 +14,7 @@ What makes it fast, all within TRL's RewardTrainer:
 - bf16 base weights (TRL's default loads fp32 and autocasts, copying every weight on every forward),
   and bf16 LoRA/head weights with fp32 optimizer copies: no autocast at all (`alignment.lora_precision`);
 - no gradient checkpointing (the small models this runs fit; TRL's default recomputes activations);
-- on CPU, eager attention: for chat-length sequences PyTorch's CPU flash-attention backward costs
-  several times its forward (a fifth of a step, profiled); eager attention's backward is plain matmuls;
+- on CPU, eager attention (`training.attention`, see `alignment.devices`);
 - length-grouped batches, so pairs of similar length share a padded batch.
 """
 
@@ -26,7 +25,7 @@ import logging
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -66,9 +65,6 @@ class RewardSettings(StrictModel):
     )
     group_by_length: bool = Field(True, description="Batch pairs of similar length together: less padding.")
     shared_prefix: bool = Field(True, description="Run each pair's common prompt prefix once for both sides.")
-    attention: Literal["auto", "sdpa", "eager"] = Field(
-        "auto", description="auto = eager on CPU (faster backward for short sequences), sdpa on GPU."
-    )
     eval_batch_size: int = Field(32, ge=1, description="Batch size of the post-training evaluation scorer.")
 
 
@@ -169,16 +165,12 @@ def with_margin(dataset: Dataset, scale: float) -> Dataset:
 
 def reward_model(config: RewardRunConfig) -> torch.nn.Module:
     plan = device_plan(config)
-    attention = config.reward.attention
-    if attention == "auto":
-        attention = "eager" if plan.device.type == "cpu" else "sdpa"
     model = load_causal_lm(
         config.model,
         plan,
         quantization=config.lora.quantization,
         model_cls=AutoModelForSequenceClassification,
         num_labels=1,
-        attn_implementation=attention,
     )
     add_packed_pair_scoring(model)
     return model

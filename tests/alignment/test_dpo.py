@@ -262,15 +262,24 @@ def test_cli_train_dpo_reports_config_errors(tmp_path: Path) -> None:
     assert "dpo.beta" in result.output
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_shared_prompt_forward_matches_one_row_per_response(
-    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path]
+    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path], attention: str
 ) -> None:
     """Running each pair's prompt once (rejected masked from chosen) gives the same log-probs."""
-    cfg = dpo_config(tiny_model, tmp_path, pairs, "training.dtype=fp32", "dpo.precompute_ref_log_probs=false")
+    cfg = dpo_config(
+        tiny_model,
+        tmp_path,
+        pairs,
+        "training.dtype=fp32",
+        "dpo.precompute_ref_log_probs=false",
+        f"training.attention={attention}",
+    )
     trainer = build_dpo_trainer(cfg)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     model = trainer.model.get_base_model()
+    assert model.config._attn_implementation == attention
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
     assert share_prompts(**kwargs) is not None
     with torch.no_grad():

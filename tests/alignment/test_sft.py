@@ -51,11 +51,11 @@ def test_sft_lowers_eval_loss_and_reloads_with_same_logits(tiny_model: Path, tmp
     ids = tokenizer("Ahoy! The capital of Peru is Lima.", return_tensors="pt")["input_ids"]
     trained = trainer.model.eval()
     reloaded = load_with_adapter(None, cfg.output_dir).eval()
-    # The saved LoRA weights are exactly the trained ones...
+    # The saved LoRA weights are exactly the trained ones (trained in bf16; PEFT loads adapters as fp32)...
     saved, live = get_peft_model_state_dict(reloaded), get_peft_model_state_dict(trained)
     assert saved and saved.keys() == live.keys()
     for name, tensor in live.items():
-        torch.testing.assert_close(saved[name], tensor, atol=0, rtol=0)
+        torch.testing.assert_close(saved[name], tensor.to(saved[name].dtype), atol=0, rtol=0)
     # ...and the logits agree up to bf16 rounding in the base weights' matmuls.
     with torch.no_grad():
         torch.testing.assert_close(
