@@ -157,12 +157,14 @@ def completion_log_probs(
 
 @dataclass
 class SharedPromptBatch:
-    """One row per pair - prompt, chosen completion, rejected completion - and where each scored token goes."""
+    """Packed pairs (`alignment.shared_prompt`) and where each scored token goes."""
 
-    input_ids: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, 1, T, T) bool, True = may attend
-    predictor: torch.Tensor  # (N,) flat index into (B*T) of the hidden state that predicts each scored token
+    input_ids: torch.Tensor  # (rows, T)
+    position_ids: torch.Tensor  # (rows, T)
+    attention_mask: torch.Tensor  # (rows, 1, T, T) bool, True = may attend
+    predictor: (
+        torch.Tensor
+    )  # (N,) flat index into (rows*T) of the hidden state that predicts each scored token
     targets: torch.Tensor  # (N,) the scored tokens
     rows: torch.Tensor  # (N,) their row in TRL's (2B, L - 1) layout: chosen rows, then rejected rows
     cols: torch.Tensor  # (N,) their column there (the position of the predicting token)
@@ -171,7 +173,7 @@ class SharedPromptBatch:
 def share_prompts(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> SharedPromptBatch | None:
-    """TRL's [chosen rows; rejected rows] batch -> one row per pair, the prompt run once (`pack_pairs`).
+    """TRL's [chosen rows; rejected rows] batch -> packed rows, shared prompt tokens run once (`pack_pairs`).
 
     None when the rows do not pair up (odd count, or a pair whose prompts differ).
     """
@@ -190,27 +192,22 @@ def share_prompts(
         chosen.append(input_ids[i, p : lengths[i]])
         rejected.append(input_ids[j, p : lengths[j]])
     packed = pack_pairs(prompts, chosen, rejected)
-    device, width = input_ids.device, packed.width
     predictor, targets, rows, cols = [], [], [], []
-    for b, (p, c, r) in enumerate(
-        zip(packed.prompt_lens, packed.chosen_lens, packed.rejected_lens, strict=True)
-    ):
-        # Scored tokens: chosen at t in [p, p+c) is predicted from index t-1; rejected at t in [p, p+r)
-        # sits at index c+t and is predicted from index c+t-1, except its first token: from the prompt's last.
-        t_c, t_r = torch.arange(p, p + c, device=device), torch.arange(p, p + r, device=device)
-        pred_r = torch.where(t_r == p, p - 1, c + t_r - 1)
-        predictor += [b * width + t_c - 1, b * width + pred_r]
+    for b, place in enumerate(packed.places):
+        # TRL's layout: completion token t (t >= p) of row b sits at column t - 1 of the log-prob rows.
+        p = place.prefix + place.prompt
+        predictor += [packed.predictor_index(place, "chosen"), packed.predictor_index(place, "rejected")]
         targets += [chosen[b], rejected[b]]
-        rows += [torch.full_like(t_c, b), torch.full_like(t_r, pairs + b)]
-        cols += [t_c - 1, t_r - 1]
+        rows += [torch.full((place.chosen,), b), torch.full((place.rejected,), pairs + b)]
+        cols += [torch.arange(p - 1, p - 1 + place.chosen), torch.arange(p - 1, p - 1 + place.rejected)]
     return SharedPromptBatch(
         input_ids=packed.input_ids,
         position_ids=packed.position_ids,
         attention_mask=packed.attention_mask,
         predictor=torch.cat(predictor),
         targets=torch.cat(targets),
-        rows=torch.cat(rows),
-        cols=torch.cat(cols),
+        rows=torch.cat(rows).to(input_ids.device),
+        cols=torch.cat(cols).to(input_ids.device),
     )
 
 

@@ -76,9 +76,9 @@ class RewardRunConfig(RunConfig):
 
 @dataclass
 class PackedPairCollator:
-    """Pairs -> one packed row each (`alignment.shared_prompt.pack_pairs`): common prefix, chosen, rejected.
+    """Pairs -> packed rows (`alignment.shared_prompt.pack_pairs`): shared prompt tokens once, then each side.
 
-    `attention_mask` stays a (B, T) mask of real tokens, which TRL counts for its token metric; the
+    `attention_mask` stays a (rows, T) mask of real tokens, which TRL counts for its token metric; the
     model reads the (B, 1, T, T) `pair_mask` and scores the rows at `score_index`.
     """
 
@@ -88,23 +88,32 @@ class PackedPairCollator:
         prompts, chosen, rejected = [], [], []
         for ex in examples:
             c, r = ex["chosen_ids"], ex["rejected_ids"]
-            # Keep at least one token per side (the reward is read at the last one) and one shared.
-            n = min(common_prefix_length(c, r), len(c) - 1, len(r) - 1)
+            n = shared_length(c, r)
             prompts.append(torch.tensor(c[:n]))
             chosen.append(torch.tensor(c[n:]))
             rejected.append(torch.tensor(r[n:]))
         packed = pack_pairs(prompts, chosen, rejected, self.pad_token_id)
-        tokens = packed.token_count()
         batch = {
             "input_ids": packed.input_ids,
             "position_ids": packed.position_ids,
-            "attention_mask": (torch.arange(packed.width)[None, :] < tokens[:, None]).long(),
+            "attention_mask": packed.token_mask,
             "pair_mask": packed.attention_mask,
             "score_index": packed.last_token_index(),
         }
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float)
         return batch
+
+
+def shared_length(chosen: list[int], rejected: list[int]) -> int:
+    """Tokens the two sides share up front, keeping at least one of its own per side (the score is read there)."""
+    return min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
+
+
+def packed_length(example: dict[str, Any]) -> int:
+    """Width of the pair's packed row: what length-grouped batching should group on."""
+    chosen, rejected = example["chosen_ids"], example["rejected_ids"]
+    return len(chosen) + len(rejected) - shared_length(chosen, rejected)
 
 
 def add_packed_pair_scoring(model: PreTrainedModel) -> None:
@@ -148,8 +157,7 @@ class PrefloopRewardTrainer(RewardTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if isinstance(dataset, Dataset) and "length" not in dataset.column_names:
             dataset = dataset.map(
-                lambda ex: {"length": max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))},
-                desc=f"Measuring {dataset_name} lengths",
+                lambda ex: {"length": packed_length(ex)}, desc=f"Measuring {dataset_name} lengths"
             )
         return dataset
 

@@ -1,0 +1,84 @@
+"""Packed pairs give every completion token the log-prob it has in its own full sequence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.shared_prompt import mask_for_attention, pack_pairs
+
+
+def sequences() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.randint(5, 200, (n,), generator=g)
+
+    system = ids(6)  # a batch prefix, like a chat template's system prompt
+    prompts = [
+        torch.cat([system, ids(3)]),
+        torch.cat([system, ids(7)]),
+        system.clone(),
+        torch.cat([system, ids(1)]),
+    ]
+    chosen = [ids(4), ids(1), ids(5), ids(2)]
+    rejected = [ids(2), ids(6), ids(1), ids(3)]
+    return prompts, chosen, rejected
+
+
+def completion_log_probs(
+    model: torch.nn.Module, hidden: torch.Tensor, predictors: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    logits = model.lm_head(hidden.reshape(-1, hidden.shape[-1])[predictors]).float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("row_tokens", [512, 20])  # one row for all pairs / a row per pair or two
+@pytest.mark.parametrize("shared_system", [True, False])
+def test_packed_log_probs_equal_full_sequences(
+    tiny_model: Path, attention: str, row_tokens: int, shared_system: bool
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model, dtype=torch.float32, attn_implementation=attention
+    ).eval()
+    prompts, chosen, rejected = sequences()
+    if not shared_system:  # no batch prefix at all
+        prompts = [torch.cat([torch.tensor([b + 1]), p]) for b, p in enumerate(prompts)]
+    packed = pack_pairs(prompts, chosen, rejected, row_tokens=row_tokens)
+    assert (packed.input_ids.shape[0] > 1) == (row_tokens == 20)
+    assert (packed.places[0].prefix > 0) == shared_system
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=packed.input_ids,
+            position_ids=packed.position_ids,
+            attention_mask=mask_for_attention(packed.attention_mask, model, torch.float32),
+        ).last_hidden_state
+        for b, place in enumerate(packed.places):
+            for side, completion in (("chosen", chosen[b]), ("rejected", rejected[b])):
+                full = torch.cat([prompts[b], completion])[None]
+                logits = model(input_ids=full).logits[0, len(prompts[b]) - 1 : -1].float()
+                expected = logits.log_softmax(-1).gather(-1, completion[:, None]).squeeze(-1)
+                got = completion_log_probs(model, hidden, packed.predictor_index(place, side), completion)
+                torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"pair {b} {side}")
+
+
+def test_packing_runs_the_batch_prefix_once_per_row() -> None:
+    prompts, chosen, rejected = sequences()
+    packed = pack_pairs(prompts, chosen, rejected)
+    distinct = 6 + sum(
+        len(p) - 6 + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True)
+    )
+    assert packed.input_ids.shape == (1, distinct)
+    assert int(packed.token_mask.sum()) == distinct
+    full = sum(len(p) + len(c) + len(p) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True))
+    assert distinct < full / 2
+
+
+def test_pack_pairs_rejects_mismatched_lists() -> None:
+    with pytest.raises(ValueError, match="same positive number"):
+        pack_pairs([torch.tensor([1])], [], [])
