@@ -12,14 +12,16 @@ on CPU showed under a third of the time in matmuls):
 - reference log-probs are computed once, before training, and cached on disk
   (`alignment.reference_cache`): a step is one forward and one backward instead of two forwards and a
   backward, and a re-run with the same model, adapter and data skips them entirely;
-- the prompt of a pair runs once: chosen and rejected completions share one row, masked from each
-  other (`share_prompts`), instead of two rows that both carry the prompt;
+- shared prompt tokens run once: a pair's prompt, and the prefix all prompts of a batch share (a chat
+  template's system prompt), are packed with both completions into rows under a mask that gives every
+  token its own sequence's context (`share_prompts`, `alignment.shared_prompt`);
 - the LM head scores only completion tokens: the (tokens x vocab) logits of the prompt and the padding
   are never built (TRL's fused head scores every position on devices without Triton);
 - LoRA weights in bf16 with fp32 optimizer copies (`training.mixed_precision`, `alignment.lora_precision`):
   no autocast casts, and no fp32 copies of LoRA inputs;
-- weights are held in bf16 (the device plan) and gradient checkpointing is off (`training` settings),
-  so no fp32 weight is re-cast and no forward is recomputed.
+- weights are held in bf16 (the device plan), attention is eager on CPU (its backward is plain
+  matmuls) and gradient checkpointing is off (`training` settings), so no fp32 weight is re-cast and
+  no forward is recomputed.
 The loss itself is TRL's `_compute_loss`, untouched, so every TRL loss type works.
 """
 
@@ -90,7 +92,7 @@ class DPOSettings(StrictModel):
     )
     share_prompt: bool = Field(
         True,
-        description="Run each pair's prompt once (chosen and rejected in one row, masked from each other).",
+        description="Run shared prompt tokens once (pairs packed into rows, masked; see alignment.shared_prompt).",
     )
     precompute_batch_size: int = Field(
         16, ge=1, description="Pairs per reference forward while precomputing."
@@ -216,7 +218,7 @@ def add_completion_lm_head(model: PreTrainedModel, share_prompt: bool = True) ->
 
     Same contract as TRL's `add_fused_lm_head` (it returns a `FusedCausalLMOutput` with per-token fields of
     shape (batch, seq_len - 1), zero where unscored), so TRL's `_compute_loss` reads it unchanged. With
-    `share_prompt`, a [chosen; rejected] batch runs as one row per pair (see `share_prompts`).
+    `share_prompt`, a [chosen; rejected] batch runs as packed rows (see `share_prompts`).
     """
     original_forward = type(model).forward.__get__(model)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-ROW_TOKENS = 512
+ROW_TOKENS = 256  # measured: a little faster than 512 on SmolLM2 (less attention over masked blocks)
 
 
 @dataclass(frozen=True)
