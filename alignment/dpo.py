@@ -12,9 +12,10 @@ on CPU showed under a third of the time in matmuls):
 - reference log-probs are computed once, before training, and cached on disk
   (`alignment.reference_cache`): a step is one forward and one backward instead of two forwards and a
   backward, and a re-run with the same model, adapter and data skips them entirely;
-- shared prompt tokens run once: a pair's prompt, and the prefix all prompts of a batch share (a chat
-  template's system prompt), are packed with both completions into rows under a mask that gives every
-  token its own sequence's context (`share_prompts`, `alignment.shared_prompt`);
+- a pair's prompt runs once: [prompt | chosen | rejected] in one row, under a mask that gives every
+  token its own sequence's context (`share_prompts`, `alignment.shared_prompt`). `share_prompt=batch`
+  also runs the prefix all prompts share once, but then bf16 numbers depend on the batch and cached
+  reference log-ratios no longer match the policy's at step 0, so it is opt-in;
 - the LM head scores only completion tokens: the (tokens x vocab) logits of the prompt and the padding
   are never built (TRL's fused head scores every position on devices without Triton);
 - LoRA weights in bf16 with fp32 optimizer copies (`training.mixed_precision`, `alignment.lora_precision`):
@@ -90,9 +91,11 @@ class DPOSettings(StrictModel):
         None,
         description="Where cached reference log-probs live (default: $PREFLOOP_HOME/cache/reference-logps).",
     )
-    share_prompt: bool = Field(
-        True,
-        description="Run shared prompt tokens once (pairs packed into rows, masked; see alignment.shared_prompt).",
+    share_prompt: Literal["pair", "batch", "off"] = Field(
+        "pair",
+        description="Run a pair's prompt once for both responses (pair), also the prefix all prompts of a "
+        "batch share (batch: fewer tokens, but bf16 numbers then depend on the batch, so cached reference "
+        "log-ratios drift ~0.2 nats from the policy's), or not (off). See alignment.shared_prompt.",
     )
     precompute_batch_size: int = Field(
         16, ge=1, description="Pairs per reference forward while precomputing."
@@ -173,7 +176,7 @@ class SharedPromptBatch:
 
 
 def share_prompts(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, across_pairs: bool = False
 ) -> SharedPromptBatch | None:
     """TRL's [chosen rows; rejected rows] batch -> packed rows, shared prompt tokens run once (`pack_pairs`).
 
@@ -193,7 +196,7 @@ def share_prompts(
         prompts.append(input_ids[i, :p])
         chosen.append(input_ids[i, p : lengths[i]])
         rejected.append(input_ids[j, p : lengths[j]])
-    packed = pack_pairs(prompts, chosen, rejected)
+    packed = pack_pairs(prompts, chosen, rejected, across_pairs=across_pairs)
     predictor, targets, rows, cols = [], [], [], []
     for b, place in enumerate(packed.places):
         # TRL's layout: completion token t (t >= p) of row b sits at column t - 1 of the log-prob rows.
@@ -213,7 +216,7 @@ def share_prompts(
     )
 
 
-def add_completion_lm_head(model: PreTrainedModel, share_prompt: bool = True) -> None:
+def add_completion_lm_head(model: PreTrainedModel, share_prompt: str = "pair") -> None:
     """Make `model(..., labels=labels, fused_lm_head=True)` score only the positions whose label is not -100.
 
     Same contract as TRL's `add_fused_lm_head` (it returns a `FusedCausalLMOutput` with per-token fields of
@@ -243,7 +246,11 @@ def add_completion_lm_head(model: PreTrainedModel, share_prompt: bool = True) ->
         ):
             kwargs.pop(unused, None)
         scored = labels[:, 1:] != -100
-        shared = share_prompts(input_ids, attention_mask, labels) if share_prompt else None
+        shared = (
+            share_prompts(input_ids, attention_mask, labels, across_pairs=share_prompt == "batch")
+            if share_prompt != "off"
+            else None
+        )
         if shared is not None:
             hidden = self.base_model(
                 input_ids=shared.input_ids,
@@ -294,7 +301,7 @@ class PrefloopDPOTrainer(DPOTrainer):
         *args: Any,
         reference_cache: ReferenceCache | None = None,
         reference_identity: tuple[str, str | None] = ("", None),
-        share_prompt: bool = True,
+        share_prompt: str = "pair",
         mixed_precision: MixedPrecision | None = None,
         **kwargs: Any,
     ) -> None:

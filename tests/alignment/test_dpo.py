@@ -263,8 +263,9 @@ def test_cli_train_dpo_reports_config_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("mode", ["pair", "batch"])
 def test_shared_prompt_forward_matches_one_row_per_response(
-    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path], attention: str
+    tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path], attention: str, mode: str
 ) -> None:
     """Running each pair's prompt once (rejected masked from chosen) gives the same log-probs."""
     cfg = dpo_config(
@@ -274,6 +275,7 @@ def test_shared_prompt_forward_matches_one_row_per_response(
         "training.dtype=fp32",
         "dpo.precompute_ref_log_probs=false",
         f"training.attention={attention}",
+        f"dpo.share_prompt={mode}",
     )
     trainer = build_dpo_trainer(cfg)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
@@ -281,10 +283,11 @@ def test_shared_prompt_forward_matches_one_row_per_response(
     model = trainer.model.get_base_model()
     assert model.config._attn_implementation == attention
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
-    assert share_prompts(**kwargs) is not None
+    packed = share_prompts(**kwargs, across_pairs=mode == "batch")
+    assert packed is not None and packed.input_ids.shape[0] == (4 if mode == "pair" else 1)
     with torch.no_grad():
         shared = model(**kwargs, fused_lm_head=True)
-        add_completion_lm_head(model, share_prompt=False)
+        add_completion_lm_head(model, share_prompt="off")
         separate = model(**kwargs, fused_lm_head=True)
     torch.testing.assert_close(shared.log_probs, separate.log_probs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared.entropy, separate.entropy, atol=1e-4, rtol=1e-4)

@@ -38,8 +38,9 @@ def completion_log_probs(
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("row_tokens", [512, 20])  # one row for all pairs / a row per pair or two
 @pytest.mark.parametrize("shared_system", [True, False])
+@pytest.mark.parametrize("across_pairs", [True, False])
 def test_packed_log_probs_equal_full_sequences(
-    tiny_model: Path, attention: str, row_tokens: int, shared_system: bool
+    tiny_model: Path, attention: str, row_tokens: int, shared_system: bool, across_pairs: bool
 ) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -49,9 +50,12 @@ def test_packed_log_probs_equal_full_sequences(
     prompts, chosen, rejected = sequences()
     if not shared_system:  # no batch prefix at all
         prompts = [torch.cat([torch.tensor([b + 1]), p]) for b, p in enumerate(prompts)]
-    packed = pack_pairs(prompts, chosen, rejected, row_tokens=row_tokens)
-    assert (packed.input_ids.shape[0] > 1) == (row_tokens == 20)
-    assert (packed.places[0].prefix > 0) == shared_system
+    packed = pack_pairs(prompts, chosen, rejected, row_tokens=row_tokens, across_pairs=across_pairs)
+    if across_pairs:
+        assert (packed.input_ids.shape[0] > 1) == (row_tokens == 20)
+        assert (packed.places[0].prefix > 0) == shared_system
+    else:
+        assert packed.input_ids.shape[0] == len(prompts) and packed.places[0].prefix == 0
     with torch.no_grad():
         hidden = model.model(
             input_ids=packed.input_ids,
