@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLE_PROMPTS = Path(__file__).parent / "data" / "sft_house_style.jsonl"
 VALUE_HEAD_FILE = "value_head.safetensors"
+TRAINER_STATE_FILE = "trainer_state.pt"  # checkpoint-N/: optimizers, schedulers, KL, RNG, sampler
 CRITIC_DIR = "critic"
 REFERENCE_ADAPTER = "reference"
 
@@ -719,6 +721,7 @@ class PPOTrainer:
         self.score_moments = RunningMoments()
         self.ptx_examples = ptx_examples or []
         self._ptx_batches = self._cycle_ptx()
+        self._ptx_used = 0  # batches drawn, so a resumed run draws the same ones next
         self.history: list[dict[str, float]] = []
 
     @property
@@ -822,6 +825,7 @@ class PPOTrainer:
 
     def ptx_loss(self) -> torch.Tensor:
         """PPO-ptx (InstructGPT eq. 2): -gamma_ptx E_{x ~ D_pretrain}[log pi(x)] added to the PPO loss."""
+        self._ptx_used += 1
         input_ids, attention_mask, labels = (t.to(self.device) for t in next(self._ptx_batches))
         return self.policy(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
@@ -869,6 +873,69 @@ class PPOTrainer:
             str(head_dir / VALUE_HEAD_FILE),
         )
 
+    def save_checkpoint(self, checkpoint_dir: Path, step: int, sampler: dict[str, Any]) -> None:
+        """Everything a resumed run needs to continue exactly where this one is after `step`.
+
+        The weights as `save` writes them, plus optimizer and scheduler states, the KL coefficient,
+        the score statistics, the history and the RNG states (sampling and prompt order), written to a
+        temporary directory first and renamed, so a crash mid-save never leaves a half checkpoint.
+        """
+        partial = checkpoint_dir.with_name(checkpoint_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self.save(partial)
+        state = {
+            "step": step,
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [sched.state_dict() for sched in self.schedulers],
+            "kl_coef": self.kl_ctl.value,
+            "score_moments": (self.score_moments.mean, self.score_moments.var, self.score_moments.count),
+            "history": self.history,
+            "ptx_used": self._ptx_used,
+            "torch_rng": torch.get_rng_state(),
+            "sampler": sampler,
+        }
+        torch.save(state, partial / TRAINER_STATE_FILE)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        partial.rename(checkpoint_dir)
+
+    def load_checkpoint(self, checkpoint_dir: Path) -> dict[str, Any]:
+        """Restore a `save_checkpoint` directory into this trainer; returns its step and sampler state."""
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(
+            self.policy, load_file(str(checkpoint_dir / "adapter_model.safetensors")), adapter_name="default"
+        )
+        head_dir = checkpoint_dir
+        if not self.critic.shared:
+            head_dir = checkpoint_dir / CRITIC_DIR
+            set_peft_model_state_dict(
+                self.critic.trunk, load_file(str(head_dir / "adapter_model.safetensors"))
+            )
+        self.critic.head.load_state_dict(load_file(str(head_dir / VALUE_HEAD_FILE)))
+        state = torch.load(checkpoint_dir / TRAINER_STATE_FILE, weights_only=False)
+        for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+        for sched, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(saved)
+        self.kl_ctl.value = state["kl_coef"]
+        self.score_moments.mean, self.score_moments.var, self.score_moments.count = state["score_moments"]
+        self.history = state["history"]
+        for _ in range(state["ptx_used"]):
+            next(self._ptx_batches)
+        self._ptx_used = state["ptx_used"]
+        torch.set_rng_state(state["torch_rng"])
+        return {"step": state["step"], "sampler": state["sampler"]}
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The highest checkpoint-N in a run directory that holds a trainer state."""
+    found = [
+        (int(d.name.split("-")[1]), d)
+        for d in run_dir.glob("checkpoint-*")
+        if d.name.split("-")[1].isdigit() and (d / TRAINER_STATE_FILE).is_file()
+    ]
+    return max(found)[1] if found else None
+
 
 def load_ppo_models(run_dir: str | Path, plan: DevicePlan | None = None) -> tuple[nn.Module, Critic]:
     """Reload a finished PPO run: (policy with its adapter, critic with its value head)."""
@@ -895,10 +962,8 @@ def load_ppo_models(run_dir: str | Path, plan: DevicePlan | None = None) -> tupl
 
 
 def _check_supported(config: PPORunConfig) -> None:
-    if config.resume:
-        raise ConfigError(
-            "ppo: resume is not supported; start a new run (init_adapter can be a previous run)"
-        )
+    if config.resume and config.distributed.backend == "ray":
+        raise ConfigError("ppo: resume is supported for local runs only (distributed.backend=local)")
     if config.ppo.ptx_coef > 0 and config.data.ptx is None:
         raise ConfigError("ppo.ptx_coef > 0 needs data.ptx (SFT data for the pretraining-mix loss)")
     if config.ppo.mini_batch_size > config.ppo.rollout_batch_size:
@@ -971,7 +1036,21 @@ def train_ppo(config: PPORunConfig, reward_fn: RewardFn) -> dict[str, Any]:
     rng = random.Random(config.training.seed)
     order: list[int] = []
     log_path = out / "ppo_log.jsonl"
-    log_path.write_text("")
+    first = 1
+    checkpoint = latest_checkpoint(out) if config.resume else None
+    if config.resume and checkpoint is None:
+        raise ConfigError(f"ppo: resume asked for, but {out} holds no checkpoint-N with a trainer state")
+    if checkpoint is not None:
+        restored = trainer.load_checkpoint(checkpoint)
+        first = restored["step"] + 1
+        rng.setstate(restored["sampler"]["rng"])
+        order = restored["sampler"]["order"]
+        log.info("ppo: resumed from %s (step %d of %d)", checkpoint, restored["step"], steps)
+        # The log keeps the steps the checkpoint has; later lines came from the interrupted run.
+        lines = log_path.read_text().splitlines() if log_path.is_file() else []
+        log_path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] < first))
+    else:
+        log_path.write_text("")
     columns = (
         TextColumn("[bold]PPO"),
         BarColumn(),
@@ -980,8 +1059,8 @@ def train_ppo(config: PPORunConfig, reward_fn: RewardFn) -> dict[str, Any]:
         TextColumn("{task.description}"),
     )
     with Progress(*columns) as progress:
-        task = progress.add_task("", total=steps)
-        for step in range(1, steps + 1):
+        task = progress.add_task("", total=steps, completed=first - 1)
+        for step in range(first, steps + 1):
             # Shuffled passes over the prompts, one rollout batch at a time.
             while len(order) < config.ppo.rollout_batch_size:
                 epoch = list(range(len(prompts)))
@@ -1000,7 +1079,8 @@ def train_ppo(config: PPORunConfig, reward_fn: RewardFn) -> dict[str, Any]:
             )
             save_every = config.training.save_steps
             if save_every and step % save_every == 0 and step < steps:
-                trainer.save(out / f"checkpoint-{step}")
+                sampler = {"rng": rng.getstate(), "order": order}
+                trainer.save_checkpoint(out / f"checkpoint-{step}", step, sampler)
     trainer.save(out)
     plot_curves(trainer.history, out / "ppo_curves.png")
     metrics = _summary(trainer.history, len(prompts))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from alignment.config import ConfigError, load_config
 from alignment.data_files import DataError
@@ -365,3 +366,52 @@ def test_reference_is_a_frozen_copy_of_the_init_adapter(
     assert all(not p.requires_grad for n, p in policy.named_parameters() if ".reference." in n)
     _, stats = trainer.make_experience(prompts[:8], prompt_ids[:8])
     assert stats["objective/kl"] != 0.0
+
+
+@pytest.mark.timeout(900)
+def test_run_resumed_after_a_crash_ends_where_an_uninterrupted_one_does(
+    eos_model: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    from alignment.models import load_tokenizer
+
+    reward = short_response_reward(load_tokenizer(eos_model))
+    settings = ["training.max_steps=4", "training.save_steps=2", "ppo.critic=separate", "ppo.ppo_epochs=1"]
+
+    def config(out: Path, *extra: str) -> PPORunConfig:
+        return load_config(PPORunConfig, None, ppo_overrides(eos_model, prompt_file, out, *settings, *extra))
+
+    straight = tmp_path / "straight"
+    train_ppo(config(straight), reward)
+
+    crashed, calls = tmp_path / "crashed", 0
+
+    def crashing_reward(prompts: list, responses: list[str]) -> list[float]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # step 3, after checkpoint-2 was written
+            raise RuntimeError("reward server went away")
+        return reward(prompts, responses)
+
+    with pytest.raises(RuntimeError, match="reward server went away"):
+        train_ppo(config(crashed), crashing_reward)
+    assert (crashed / "checkpoint-2" / "trainer_state.pt").is_file()
+    assert not (crashed / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train_ppo(config(tmp_path / "empty", "resume=true"), reward)
+
+    train_ppo(config(crashed, "resume=true"), reward)
+    for name in (
+        "adapter_model.safetensors",
+        "critic/adapter_model.safetensors",
+        "critic/value_head.safetensors",
+    ):
+        want, got = load_file(str(straight / name)), load_file(str(crashed / name))
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=0, rtol=0, msg=f"{name}:{key}")
+    logs = [
+        [json.loads(line) for line in (d / "ppo_log.jsonl").read_text().splitlines()]
+        for d in (straight, crashed)
+    ]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    assert [r["reward/raw"] for r in logs[1]] == [r["reward/raw"] for r in logs[0]]
