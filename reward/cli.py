@@ -143,6 +143,9 @@ def train_ppo_command(
     config: ConfigOption = None,
     overrides: SetOption = None,
     reward_model: RewardModelOption = None,
+    resume: ResumeOption = False,
+    ray: RayOption = False,
+    workers: WorkersOption = None,
 ) -> None:
     """PPO of the SFT adapter against a reward model (GAE, clipped losses, KL control, optional ptx)."""
     from alignment.config import load_config
@@ -150,7 +153,9 @@ def train_ppo_command(
 
     sugar = [f"reward_model={reward_model}"] if reward_model else []
     with cli_errors():
-        cfg = load_config(PPORunConfig, config, [*sugar, *(overrides or [])])
+        cfg = load_config(
+            PPORunConfig, config, run_overrides([*sugar, *(overrides or [])], resume, ray, workers)
+        )
         metrics = train_ppo(cfg, _scorer(cfg.reward_model, "ppo"))
     print_metrics(f"PPO -> {cfg.output_dir} (curves: ppo_curves.png)", metrics)
 
