@@ -44,7 +44,9 @@ class TrainingSettings(StrictModel):
     warmup: float = Field(0.0, ge=0, description="Warmup steps, or a fraction of all steps when < 1.")
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: str = "cosine"
-    optim: str = Field("adamw_torch", description="Any HF optimizer name, e.g. 'paged_adamw_8bit'.")
+    optim: str = Field(
+        "adamw_torch_fused", description="Any HF optimizer name (HF's default here), e.g. 'paged_adamw_8bit'."
+    )
     max_grad_norm: float = 1.0
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, description="Evaluate every N steps (default: once per epoch).")

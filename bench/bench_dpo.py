@@ -134,7 +134,6 @@ def build_prefloop(data_path: Path, out: Path, steps: int, extra: list[str]):
             f"training.max_steps={steps}",
             f"training.learning_rate={LEARNING_RATE}",
             "training.lr_scheduler=linear",  # TRL's default, so the losses are comparable step by step
-            "training.optim=adamw_torch_fused",
             "training.logging_steps=1",
             "training.save_steps=100000",
             "lora.r=16",
