@@ -45,10 +45,17 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from alignment.config import StrictModel
 from alignment.lora_precision import MixedPrecision, apply_mixed_precision
-from alignment.models import adapter_base_model, load_causal_lm, load_tokenizer, resolve_model
+from alignment.models import load_causal_lm, load_tokenizer, resolve_model
 from alignment.preference_data import PreferenceDataSettings, prepare_preferences
 from alignment.reference_cache import ReferenceCache, attach, cache_key
-from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
+from alignment.runner import (
+    PolicyRunConfig,
+    callbacks,
+    device_plan,
+    lora_config,
+    run_training,
+    training_arguments,
+)
 from alignment.shared_prompt import mask_for_attention, pack_pairs
 
 log = logging.getLogger(__name__)
@@ -102,22 +109,6 @@ class DPOSettings(StrictModel):
     )
 
 
-class PolicyRunConfig(RunConfig):
-    """A run that trains a policy against a frozen reference (DPO, KTO)."""
-
-    init_adapter: Path | None = Field(
-        None,
-        description="SFT adapter directory: trained further as the policy, and its frozen copy is the "
-        "reference. Unset: a fresh LoRA (the `lora` block) on `model`, with the base as reference.",
-    )
-
-    def base_model(self) -> str:
-        """The base under the SFT adapter, unless `model` was named explicitly."""
-        if self.init_adapter is not None and "model" not in self.model_fields_set:
-            return adapter_base_model(self.init_adapter)
-        return self.model
-
-
 def load_policy(config: PolicyRunConfig, base: str) -> tuple[torch.nn.Module, Any]:
     """(model, peft_config) for a TRL trainer: the SFT adapter made trainable, or a fresh LoRA config.
 
@@ -167,9 +158,7 @@ class SharedPromptBatch:
     input_ids: torch.Tensor  # (rows, T)
     position_ids: torch.Tensor  # (rows, T)
     attention_mask: torch.Tensor  # (rows, 1, T, T) bool, True = may attend
-    predictor: (
-        torch.Tensor
-    )  # (N,) flat index into (rows*T) of the hidden state that predicts each scored token
+    predictor: torch.Tensor  # (N,) flat index into (rows*T) of the hidden state predicting each scored token
     targets: torch.Tensor  # (N,) the scored tokens
     rows: torch.Tensor  # (N,) their row in TRL's (2B, L - 1) layout: chosen rows, then rejected rows
     cols: torch.Tensor  # (N,) their column there (the position of the predicting token)

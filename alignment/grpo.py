@@ -24,7 +24,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from alignment.config import ConfigError, StrictModel
 from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_causal_lm, load_with_adapter
-from alignment.ppo import EXAMPLE_PROMPTS, PolicyRunConfig, RewardFn, load_policy_tokenizer, load_prompts
+from alignment.ppo import EXAMPLE_PROMPTS, RewardFn, RLRunConfig, load_policy_tokenizer, load_prompts
 from alignment.runner import callbacks, device_plan, lora_config, run_training, training_arguments
 
 
@@ -55,7 +55,7 @@ class GRPODataSettings(StrictModel):
     )
 
 
-class GRPORunConfig(PolicyRunConfig):
+class GRPORunConfig(RLRunConfig):
     output_dir: Path = Path("runs/grpo")
     data: GRPODataSettings = Field(default_factory=GRPODataSettings)
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)

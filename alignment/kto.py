@@ -20,10 +20,10 @@ from trl import KTOConfig, KTOTrainer
 
 from alignment.config import StrictModel
 from alignment.data_files import DataError, read_rows
-from alignment.dpo import PolicyRunConfig, load_policy
+from alignment.dpo import load_policy
 from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_tokenizer, resolve_model
-from alignment.runner import callbacks, device_plan, run_training, training_arguments
+from alignment.runner import PolicyRunConfig, callbacks, device_plan, run_training, training_arguments
 
 log = logging.getLogger(__name__)
 

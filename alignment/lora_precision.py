@@ -21,11 +21,6 @@ from transformers import Trainer, TrainerCallback
 MixedPrecision = Literal["master", "autocast", "pure"]
 
 
-def autocasts(dtype: torch.dtype, mode: MixedPrecision) -> bool:
-    """Whether HF's `bf16=True` (autocast) is on for a plan of `dtype`."""
-    return dtype == torch.bfloat16 and mode == "autocast"
-
-
 def keep_activations_in_autocast_dtype(model: torch.nn.Module) -> None:
     """Stop PEFT from casting every LoRA input to the adapter's fp32.
 
@@ -43,7 +38,7 @@ def keep_activations_in_autocast_dtype(model: torch.nn.Module) -> None:
 def cast_adapter_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Hold every fp32 weight PEFT added (adapters, trained heads, a frozen reference adapter) in `dtype`."""
     for param in model.parameters():
-        if param.dtype == torch.float32 and param.dtype != dtype:
+        if param.dtype == torch.float32:
             param.data = param.data.to(dtype)
 
 

@@ -50,7 +50,7 @@ from alignment.data_files import DataError, read_rows
 from alignment.devices import DevicePlan
 from alignment.models import adapter_base_model, load_causal_lm, load_tokenizer, load_with_adapter
 from alignment.runner import (
-    RunConfig,
+    PolicyRunConfig,
     data_fingerprint,
     device_plan,
     lora_config,
@@ -139,24 +139,15 @@ class PPODataSettings(StrictModel):
     ptx_max_length: int = Field(512, gt=8, description="Tokens per PPO-ptx example (truncated).")
 
 
-class PolicyRunConfig(RunConfig):
-    """What every RL run from a reward (PPO, GRPO, RLOO) has: a starting adapter and a reward model."""
+class RLRunConfig(PolicyRunConfig):
+    """What every RL run from a reward (PPO, GRPO, RLOO) adds: the reward model."""
 
-    init_adapter: Path | None = Field(
-        None, description="SFT adapter to start from (trainable). Unset: a fresh LoRA (`lora`) on `model`."
-    )
     reward_model: str | None = Field(
         None, description="Reward model directory; the `prefloop train` command builds the reward from it."
     )
 
-    def base_model(self) -> str:
-        """The base under the init adapter, unless `model` was named explicitly."""
-        if self.init_adapter is not None and "model" not in self.model_fields_set:
-            return adapter_base_model(self.init_adapter)
-        return self.model
 
-
-class PPORunConfig(PolicyRunConfig):
+class PPORunConfig(RLRunConfig):
     """`training.max_steps` counts PPO steps (rollout batches), `training.epochs` passes over the prompts;
     batch sizes live in `ppo` (rollout_batch_size, mini_batch_size), so `training.batch_size` is unused."""
 

@@ -28,7 +28,7 @@ from alignment.config import (
 )
 from alignment.devices import AttentionName, DevicePlan, DTypeName, plan_device
 from alignment.lora_precision import MixedPrecision
-from alignment.models import DEFAULT_MODEL
+from alignment.models import DEFAULT_MODEL, adapter_base_model
 from alignment.progress import RichProgress
 
 
@@ -78,6 +78,23 @@ class RunConfig(StrictModel):
     distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     resume: bool = Field(False, description="Resume from the latest checkpoint in output_dir.")
+
+
+class PolicyRunConfig(RunConfig):
+    """A run that trains a policy from an SFT adapter (DPO, KTO, PPO, GRPO, RLOO)."""
+
+    init_adapter: Path | None = Field(
+        None,
+        description="SFT adapter directory, trained further as the policy; DPO, KTO and PPO (by default) "
+        "take its frozen copy as the reference. Unset: a fresh LoRA (the `lora` block) on `model`, with "
+        "the base model as reference.",
+    )
+
+    def base_model(self) -> str:
+        """The base under the SFT adapter, unless `model` was named explicitly."""
+        if self.init_adapter is not None and "model" not in self.model_fields_set:
+            return adapter_base_model(self.init_adapter)
+        return self.model
 
 
 C = TypeVar("C", bound=RunConfig)

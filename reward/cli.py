@@ -21,7 +21,6 @@ from alignment.cli import (
     WorkersOption,
     cli_errors,
     print_metrics,
-    run_overrides,
     run_stage,
 )
 
@@ -139,6 +138,11 @@ def _scorer(reward_model: str | None, stage: str):  # -> RewardScorer (imported 
     return RewardScorer.from_pretrained(reward_model)
 
 
+def with_reward_model(overrides: list[str] | None, reward_model: str | None) -> list[str]:
+    """`--reward-model X` is sugar for `--set reward_model=X`."""
+    return [*([f"reward_model={reward_model}"] if reward_model else []), *(overrides or [])]
+
+
 def train_ppo_command(
     config: ConfigOption = None,
     overrides: SetOption = None,
@@ -148,15 +152,17 @@ def train_ppo_command(
     workers: WorkersOption = None,
 ) -> None:
     """PPO of the SFT adapter against a reward model (GAE, clipped losses, KL control, optional ptx)."""
-    from alignment.config import load_config
     from alignment.ppo import PPORunConfig, train_ppo
 
-    sugar = [f"reward_model={reward_model}"] if reward_model else []
-    with cli_errors():
-        cfg = load_config(
-            PPORunConfig, config, run_overrides([*sugar, *(overrides or [])], resume, ray, workers)
-        )
-        metrics = train_ppo(cfg, _scorer(cfg.reward_model, "ppo"))
+    cfg, metrics = run_stage(
+        PPORunConfig,
+        lambda cfg: train_ppo(cfg, _scorer(cfg.reward_model, "ppo")),
+        config,
+        with_reward_model(overrides, reward_model),
+        resume,
+        ray,
+        workers,
+    )
     print_metrics(f"PPO -> {cfg.output_dir} (curves: ppo_curves.png)", metrics)
 
 
@@ -167,11 +173,13 @@ def train_grpo_command(
     resume: ResumeOption = False,
 ) -> None:
     """GRPO or RLOO (TRL, no critic) of the SFT adapter against a reward model."""
-    from alignment.config import load_config
     from alignment.grpo import GRPORunConfig, train_grpo
 
-    sugar = [f"reward_model={reward_model}"] if reward_model else []
-    with cli_errors():
-        cfg = load_config(GRPORunConfig, config, run_overrides([*sugar, *(overrides or [])], resume))
-        metrics = train_grpo(cfg, _scorer(cfg.reward_model, cfg.grpo.algorithm))
+    cfg, metrics = run_stage(
+        GRPORunConfig,
+        lambda cfg: train_grpo(cfg, _scorer(cfg.reward_model, cfg.grpo.algorithm)),
+        config,
+        with_reward_model(overrides, reward_model),
+        resume,
+    )
     print_metrics(f"{cfg.grpo.algorithm.upper()} -> {cfg.output_dir}", metrics)
