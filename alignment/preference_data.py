@@ -27,6 +27,7 @@ from typing import Any, Literal
 from datasets import Dataset
 from pydantic import Field, field_validator
 
+from alignment import dedup
 from alignment.config import StrictModel
 from alignment.data_files import DataError, read_rows, write_jsonl
 
@@ -100,10 +101,6 @@ def pair_id(prompt: str | list[Message], chosen: str | list[Message], rejected: 
 
 def messages_text(messages: list[Message]) -> str:
     return "\n".join(m["content"] for m in messages)
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -228,7 +225,7 @@ def validate_pair(row: dict[str, Any]) -> str | None:
         return "prompt_mismatch"
     if not messages_text(row["chosen"]).strip() or not messages_text(row["rejected"]).strip():
         return "empty_response"
-    if _normalise(messages_text(row["chosen"])) == _normalise(messages_text(row["rejected"])):
+    if dedup.normalise(messages_text(row["chosen"])) == dedup.normalise(messages_text(row["rejected"])):
         return "identical"
     return None
 
@@ -246,20 +243,7 @@ def pair_lengths(rows: list[dict[str, Any]], tokenizer: Any) -> list[int]:
     return [max(len(ids[2 * i]), len(ids[2 * i + 1])) for i in range(len(rows))]
 
 
-# --- duplicates and contamination ----------------------------------------------------------------
-
-NUM_PERM = 128
-
-
-def _minhash(text: str) -> Any:
-    from datasketch import MinHash
-
-    # Character 5-grams: chat prompts are short, and word shingles of a 6-word prompt are too coarse.
-    text = _normalise(text)
-    shingles = {text[i : i + 5] for i in range(max(1, len(text) - 4))}
-    mh = MinHash(num_perm=NUM_PERM, seed=1)
-    mh.update_batch(s.encode() for s in shingles)
-    return mh
+# --- duplicates and contamination (the building blocks live in alignment.dedup) ------------------
 
 
 def _pair_text(row: dict[str, Any]) -> str:
@@ -268,17 +252,7 @@ def _pair_text(row: dict[str, Any]) -> str:
 
 def near_duplicates(rows: list[dict[str, Any]], threshold: float) -> dict[int, str]:
     """Index of each row that near-duplicates an earlier kept row -> that row's id (first one wins)."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-    found: dict[int, str] = {}
-    for i, row in enumerate(rows):
-        mh = _minhash(_pair_text(row))
-        if hits := lsh.query(mh):
-            found[i] = sorted(hits)[0]
-        else:
-            lsh.insert(row["id"], mh)
-    return found
+    return dedup.near_duplicates([(row["id"], _pair_text(row)) for row in rows], threshold)
 
 
 def prompt_messages(row: dict[str, Any], where: str) -> list[Message]:
@@ -299,30 +273,15 @@ def prompt_messages(row: dict[str, Any], where: str) -> list[Message]:
     raise DataError(f"{where}: row has no 'prompt', 'messages' or 'chosen'/'rejected' (keys: {sorted(row)})")
 
 
-def _prompts_of(path: Path) -> list[str]:
-    return [messages_text(prompt_messages(row, where)) for where, row in read_rows(path)]
+def eval_prompt_texts(path: Path) -> list[str]:
+    """The prompt text of every row of an eval set (any row shape `prompt_messages` reads)."""
+    return [messages_text(prompt_messages(row, where)) for where, row in read_rows(Path(path))]
 
 
 def contaminated(rows: list[dict[str, Any]], eval_paths: list[Path], threshold: float) -> dict[int, str]:
     """Index of each row whose prompt matches (exactly or MinHash-near) an eval prompt -> the eval file."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-    exact: dict[str, str] = {}
-    for path in eval_paths:
-        for j, text in enumerate(_prompts_of(path)):
-            exact.setdefault(_normalise(text), str(path))
-            key = f"{path}#{j}"
-            if key not in lsh:
-                lsh.insert(key, _minhash(text))
-    found: dict[int, str] = {}
-    for i, row in enumerate(rows):
-        text = messages_text(row["prompt"])
-        if (hit := exact.get(_normalise(text))) is not None:
-            found[i] = hit
-        elif hits := lsh.query(_minhash(text)):
-            found[i] = sorted(hits)[0].rsplit("#", 1)[0]
-    return found
+    index = dedup.EvalIndex({str(path): eval_prompt_texts(path) for path in eval_paths}, threshold)
+    return index.contaminated(messages_text(row["prompt"]) for row in rows)
 
 
 # --- split and prepare ---------------------------------------------------------------------------
@@ -400,16 +359,9 @@ def _clean(
 
 def _deduplicate(rows: list[dict[str, Any]], settings: PreferenceDataSettings, removed: dict) -> list[dict]:
     if settings.dedup:
-        seen: set[str] = set()
-        unique = []
-        for row in rows:
-            content = pair_id(row["prompt"], row["chosen"], row["rejected"])
-            if content in seen:
-                removed["exact_duplicate"].append(row["id"])
-            else:
-                seen.add(content)
-                unique.append(row)
-        rows = unique
+        exact = dedup.exact_duplicates([pair_id(r["prompt"], r["chosen"], r["rejected"]) for r in rows])
+        removed["exact_duplicate"].extend(rows[i]["id"] for i in sorted(exact))
+        rows = [row for i, row in enumerate(rows) if i not in exact]
     if settings.near_dup_threshold is not None and len(rows) > 1:
         near = near_duplicates(rows, settings.near_dup_threshold)
         removed["near_duplicate"].extend(rows[i]["id"] for i in sorted(near))
