@@ -78,7 +78,7 @@ def serve(
     """Serve the base model and its adapters behind an OpenAI-compatible API."""
     import uvicorn
 
-    from serving.app import build_app
+    from serving.api import build_app
 
     with serving_errors():
         settings = _serve_config(config, overrides)

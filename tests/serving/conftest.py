@@ -138,7 +138,7 @@ def serve_config(tmp: Path, model: Path, **overrides: object):
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The real app (engine on tiny-random, SQLite store) behind uvicorn on a free loopback port."""
-    from serving.app import create_app
+    from serving.api import create_app
     from serving.feedback_store import FeedbackStore
     from serving.generation import GenerationEngine
 

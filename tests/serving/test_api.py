@@ -165,7 +165,7 @@ def test_prompt_over_the_token_limit_is_400(server) -> None:
 def test_rate_limit_is_429_per_key(tiny_model, tmp_path, server) -> None:
     from fastapi.testclient import TestClient
 
-    from serving.app import create_app
+    from serving.api import create_app
     from tests.serving.conftest import serve_config
 
     settings = serve_config(tmp_path, tiny_model, limits={"requests_per_minute": 2})

@@ -12,7 +12,7 @@ from tests.serving.conftest import CLIENT_KEY, serve_config, start_server
 
 @pytest.fixture(scope="module")
 def smollm2_url(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from serving.app import create_app
+    from serving.api import create_app
     from serving.feedback_store import FeedbackStore
     from serving.generation import GenerationEngine
 

@@ -1,0 +1,56 @@
+"""The app factory: services, error handlers, routers. What `prefloop serve` runs."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from serving import feedback_store as fs
+from serving.api.dependencies import RateLimiter, Services
+from serving.api.errors import install_error_handlers
+from serving.api.middleware import BodySizeLimit
+from serving.api.routers import admin, chat, feedback
+from serving.api.schemas import Health
+from serving.config import ServeConfig
+from serving.generation import GenerationEngine
+from serving.registry import ModelRegistry
+
+
+def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.FeedbackStore) -> FastAPI:
+    """The API over an engine and a store the caller owns (and closes)."""
+    app = FastAPI(
+        title="prefloop", version="0.1.0", description="OpenAI-compatible serving with a feedback loop."
+    )
+    services = Services(
+        settings, engine, store, ModelRegistry(store), RateLimiter(settings.limits.requests_per_minute)
+    )
+    app.state.services = services  # read only by serving.api.dependencies.services
+    for name, path in settings.adapters.items():
+        engine.load_adapter(name, path)
+    services.sync_current()
+
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_request_bytes)
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health()
+
+    app.include_router(chat.router)
+    app.include_router(feedback.router)
+    app.include_router(admin.router)
+    return app
+
+
+def build_app(settings: ServeConfig) -> FastAPI:
+    """Engine + store + app from a config."""
+    from alignment.devices import plan_device
+
+    engine = GenerationEngine(
+        settings.model,
+        plan_device(settings.dtype),
+        max_batch_size=settings.batching.max_batch_size,
+        max_wait_ms=settings.batching.max_wait_ms,
+        served_name=settings.served_name,
+        threads=settings.threads,
+    )
+    return create_app(settings, engine, fs.FeedbackStore(settings.store_url))

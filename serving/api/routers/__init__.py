@@ -1,0 +1,1 @@
+"""The API's routers: chat (OpenAI inference), feedback, admin. The app factory includes them."""
