@@ -3,14 +3,18 @@
 Per record: majority vote over submitted responses (records under `min_votes`, without a unique
 majority, or whose majority is tie / both bad are left out and counted), the displayed A/B mapped
 back through the stored order, and the share of votes agreeing with the majority as the row's
-`annotator_agreement`. Each pull writes `<output_dir>/<dataset>/v<N>/` with `preferences.jsonl`
-(canonical rows), `votes.jsonl` (every vote, for audits) and `manifest.json` (counts, agreement,
-position bias, provenance).
+`annotator_agreement`. A pull whose result differs from the latest version publishes
+`<output_dir>/<dataset>/v<N>/` with `preferences.jsonl` (canonical rows), `votes.jsonl` (every
+vote, for audits) and `manifest.json` (counts, agreement, position bias, provenance, content hash),
+staged and renamed into place (`alignment.versioned_dirs`); the same votes again give the same
+version, and a killed pull leaves no `v<N>`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ from pathlib import Path
 import argilla as rg
 
 from alignment.preference_data import write_preference_rows
+from alignment.versioned_dirs import locked, next_number, remove_incomplete, staged_dir
 from annotation.agreement import AgreementReport, Votes, agreement_report, majority
 from annotation.config import DatasetSettings, PullSettings
 from annotation.preference_dataset import NO_PAIR_LABELS, PREFERENCE, unmap_vote
@@ -122,9 +127,24 @@ def position_bias(records: list[AnnotatedRecord]) -> float | None:
     return ab.count("a") / len(ab) if ab else None
 
 
-def next_version_dir(root: Path) -> Path:
-    versions = [int(p.name[1:]) for p in root.glob("v*") if p.name[1:].isdigit()]
-    return root / f"v{max(versions, default=0) + 1}"
+VERSION_PATTERN = r"v(\d+)"
+MANIFEST = "manifest.json"
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def content_hash(aggregation: Aggregation, manifest: dict) -> str:
+    """What a pull produced, without when it ran: two pulls of the same votes hash the same."""
+    stable = {k: v for k, v in manifest.items() if k != "pulled_at"}
+    body = json.dumps([aggregation.rows, aggregation.audit, stable], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def latest_version_dir(root: Path) -> Path | None:
+    complete = [p for p in root.glob("v*") if re.fullmatch(VERSION_PATTERN, p.name) and _is_complete(p)]
+    return max(complete, key=lambda p: int(p.name[1:]), default=None)
 
 
 @dataclass
@@ -134,6 +154,26 @@ class PullResult:
     skipped: dict[str, int]
     agreement: AgreementReport
     position_bias: float | None
+    unchanged: bool = False  # the votes gave exactly the latest version again: no new folder
+
+
+def write_version(root: Path, aggregation: Aggregation, manifest: dict) -> tuple[Path, bool]:
+    """Publish `aggregation` as the next `v<N>` under `root` (staged, then renamed), unless it equals
+    the latest version; returns (folder, unchanged)."""
+    digest = content_hash(aggregation, manifest)
+    with locked(root):
+        remove_incomplete(root, VERSION_PATTERN, _is_complete)
+        latest = latest_version_dir(root)
+        if latest is not None and json.loads((latest / MANIFEST).read_text()).get("content_hash") == digest:
+            return latest, True
+        name = f"v{next_number(root, VERSION_PATTERN)}"
+        with staged_dir(root, name) as staging:
+            write_preference_rows(staging / "preferences.jsonl", aggregation.rows)
+            with (staging / "votes.jsonl").open("w") as fh:
+                fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in aggregation.audit)
+            # written last: a folder with a manifest is a complete version
+            (staging / MANIFEST).write_text(json.dumps({**manifest, "content_hash": digest}, indent=2))
+        return root / name, False
 
 
 def pull(client: rg.Argilla, dataset_settings: DatasetSettings, settings: PullSettings) -> PullResult:
@@ -146,12 +186,6 @@ def pull(client: rg.Argilla, dataset_settings: DatasetSettings, settings: PullSe
     votes: Votes = {r.id: r.votes for r in records}
     report = agreement_report(votes, settings.agreement_threshold)
     bias = position_bias(records)
-
-    directory = next_version_dir(Path(settings.output_dir) / dataset_settings.name)
-    directory.mkdir(parents=True)
-    write_preference_rows(directory / "preferences.jsonl", aggregation.rows)
-    with (directory / "votes.jsonl").open("w") as fh:
-        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in aggregation.audit)
     manifest = {
         "source": source,
         "argilla_url": client.api_url,
@@ -164,5 +198,7 @@ def pull(client: rg.Argilla, dataset_settings: DatasetSettings, settings: PullSe
         "agreement": report.as_dict(),
         "position_bias_share_a": bias,
     }
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return PullResult(directory, len(aggregation.rows), dict(aggregation.skipped), report, bias)
+    directory, unchanged = write_version(
+        Path(settings.output_dir) / dataset_settings.name, aggregation, manifest
+    )
+    return PullResult(directory, len(aggregation.rows), dict(aggregation.skipped), report, bias, unchanged)

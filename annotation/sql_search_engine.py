@@ -214,7 +214,7 @@ def _filter_clause(filter: Filter, dataset_id: UUID) -> ColumnElement:
     if isinstance(scope, RecordFilterScope):
         column = getattr(Record, scope.property)
         if isinstance(filter, TermsFilter):
-            return column.in_([str(v) for v in filter.values])
+            return column.in_(_record_values(scope.property, filter.values))
         return _range(column, filter)
     if isinstance(scope, MetadataFilterScope):
         if isinstance(filter, TermsFilter):
@@ -233,6 +233,20 @@ def _filter_clause(filter: Filter, dataset_id: UUID) -> ColumnElement:
             match = _range(_json_number(Response.values, [scope.question, "value"]), filter)
         return _user_responses(scope.user, match)
     raise ValueError(f"unsupported filter scope {scope!r}")
+
+
+def _record_values(prop: str, values: list[Any]) -> list[Any]:
+    """Terms on a record column as that column binds them: the SDK's `_server_id` filter arrives as
+    `id` with string values, and the UUID column type needs UUIDs (a str has no `.hex`)."""
+    if prop != "id":
+        return [str(v) for v in values]
+    ids = []
+    for value in values:
+        try:
+            ids.append(value if isinstance(value, UUID) else UUID(str(value)))
+        except ValueError:
+            continue  # not a uuid: matches no record, like Elasticsearch's term query
+    return ids
 
 
 def _suggestion_clause(filter: Filter, scope: SuggestionFilterScope, dataset_id: UUID) -> ColumnElement:

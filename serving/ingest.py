@@ -10,16 +10,15 @@ Rules (each pair remembers which rule produced it, in `source`):
 
 A pair voted both ways keeps the direction with more votes (a tie drops it). Rows are in TRL's
 conversational format. Every run that changes the data writes a new `vNNNN/` directory
-(preference.jsonl, kto.jsonl, manifest.json), built in a temp dir and renamed into place, so a
-trainer never reads a half-written version; an unchanged result reuses the latest version.
+(preference.jsonl, kto.jsonl, manifest.json), staged, fsynced and renamed into place
+(`alignment.versioned_dirs`), so a trainer never reads a half-written version and a killed ingest
+leaves nothing that counts; an unchanged result reuses the latest version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import combinations
@@ -28,9 +27,11 @@ from typing import Any
 
 from alignment.data_files import read_jsonl, write_jsonl
 from alignment.preference_data import pair_id, write_preference_rows
+from alignment.versioned_dirs import locked, next_number, remove_incomplete, staged_dir
 from serving.feedback_store import Completion, Feedback, FeedbackStore, feedback_with_completions, utcnow
 
 MANIFEST = "manifest.json"
+VERSION_PATTERN = r"v(\d{4})"
 
 
 @dataclass(frozen=True)
@@ -159,36 +160,33 @@ def write_version(
 ) -> DatasetVersion:
     """Write pairs as the next version, unless they equal the latest version's content."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     digest = _row_id(*(r["id"] for r in pairs), "|", *(r["id"] for r in kto_rows))
-    previous = latest_version(output_dir)
-    if previous is not None:
-        manifest = json.loads((previous.path / MANIFEST).read_text())
-        if manifest.get("content_hash") == digest:
-            return DatasetVersion(
-                previous.version, previous.path, previous.pairs, previous.kto, 0, unchanged=True
-            )
-    version = f"v{len(_versions(output_dir)) + 1:04d}"
-    new_pairs = len({r["id"] for r in pairs} - pair_ids(previous))
-    manifest = {
-        "version": version,
-        "created_at": utcnow().isoformat(),
-        "parent": previous.version if previous else None,
-        "pairs": len(pairs),
-        "kto": len(kto_rows),
-        "new_pairs": new_pairs,
-        "content_hash": digest,
-        "sources": dict(Counter(r["source"] for r in pairs)),
-        **(meta or {}),
-    }
-    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{version}-"))
-    try:
-        write_preference_rows(staging / "preference.jsonl", pairs)
-        write_jsonl(staging / "kto.jsonl", kto_rows)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        staging.rename(output_dir / version)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with locked(output_dir):
+        remove_incomplete(output_dir, VERSION_PATTERN, lambda p: (p / MANIFEST).is_file())
+        previous = latest_version(output_dir)
+        if previous is not None:
+            manifest = json.loads((previous.path / MANIFEST).read_text())
+            if manifest.get("content_hash") == digest:
+                return DatasetVersion(
+                    previous.version, previous.path, previous.pairs, previous.kto, 0, unchanged=True
+                )
+        version = f"v{next_number(output_dir, VERSION_PATTERN):04d}"
+        new_pairs = len({r["id"] for r in pairs} - pair_ids(previous))
+        manifest = {
+            "version": version,
+            "created_at": utcnow().isoformat(),
+            "parent": previous.version if previous else None,
+            "pairs": len(pairs),
+            "kto": len(kto_rows),
+            "new_pairs": new_pairs,
+            "content_hash": digest,
+            "sources": dict(Counter(r["source"] for r in pairs)),
+            **(meta or {}),
+        }
+        with staged_dir(output_dir, version) as staging:
+            write_preference_rows(staging / "preference.jsonl", pairs)
+            write_jsonl(staging / "kto.jsonl", kto_rows)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks it complete
     return DatasetVersion(version, output_dir / version, len(pairs), len(kto_rows), new_pairs)
 
 

@@ -142,9 +142,13 @@ def run_once(
     current = registry.current()
     new_pairs = len(pair_ids(data) - _trained_pairs(config, current))
     new_kto = _kto_rows(data) if current is None or current.data_version != data.version else 0
-    # A data version already trained on (promoted or rejected) is not retried until feedback changes it.
-    tried = data.version in {v.data_version for v in registry.list()}
-    if not force and (tried or not _due(config, registry, new_pairs, new_kto)):
+    versions = [v for v in registry.list() if v.data_version == data.version]
+    # A data version whose candidate was evaluated (promoted or rejected) is not retried until
+    # feedback changes it. A candidate without an eval is a turn that was killed: it is finished,
+    # under the same version id, whether or not it was due.
+    unfinished = next((v for v in versions if v.eval_result is None), None)
+    tried = any(v.eval_result is not None for v in versions)
+    if unfinished is None and not force and (tried or not _due(config, registry, new_pairs, new_kto)):
         return LoopResult("waiting", data.version, new_pairs)
     algorithm = config.algorithm if config.algorithm != "auto" else ("dpo" if data.pairs else "kto")
     if (algorithm == "dpo" and not data.pairs) or (algorithm == "kto" and not _kto_rows(data)):
@@ -154,7 +158,9 @@ def run_once(
         # Fail before hours of training, not after.
         raise ValueError("eval.reward_model is not set: the promotion gate needs a reward model")
     base = config.serve.model
-    version = registry.register(
+    # The row is written before training so the run has its id (and output dir); the adapter path
+    # only once training returned, so a row with an adapter always has a complete one.
+    version = unfinished or registry.register(
         base_model=base,
         adapter_path=None,
         parent_id=current.id if current else None,
@@ -168,12 +174,16 @@ def run_once(
     )
     output_dir = config.output_dir / version.id
     init_adapter = Path(current.adapter_path) if current and current.adapter_path else None
-    job = TrainJob(
-        algorithm, base, init_adapter, data, output_dir, config.train_config, config.train_overrides
-    )
-    log.info("training %s (%s on %s, %d new pairs)", version.id, algorithm, data.version, new_pairs)
-    adapter = (trainer or default_trainer)(job)
-    registry.update(version.id, adapter_path=str(adapter))
+    if version.adapter_path is None:
+        job = TrainJob(
+            algorithm, base, init_adapter, data, output_dir, config.train_config, config.train_overrides
+        )
+        log.info("training %s (%s on %s, %d new pairs)", version.id, algorithm, data.version, new_pairs)
+        adapter = (trainer or default_trainer)(job)
+        version = registry.update(version.id, adapter_path=str(adapter))
+    else:
+        log.info("resuming %s after a killed turn: evaluating its adapter", version.id)
+        adapter = Path(version.adapter_path)
 
     eval_job = EvalJob(
         base, adapter, init_adapter, load_prompts(config.eval.prompts), config.eval, output_dir / "eval"
@@ -259,9 +269,8 @@ def default_trainer(job: TrainJob) -> Path:
     overrides += [f"model={job.base_model}", f"output_dir={job.output_dir}", f"data.train={data_file}"]
     if job.init_adapter is not None:
         overrides.append(f"init_adapter={job.init_adapter}")
-    config = load_config(RunConfig, job.config_path, overrides)
-    out = train(config)
-    return Path(out) if isinstance(out, str | Path) else job.output_dir
+    train(load_config(RunConfig, job.config_path, overrides))
+    return job.output_dir  # `run_training` saves the final adapter there
 
 
 def reward_evaluator(

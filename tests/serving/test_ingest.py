@@ -73,3 +73,61 @@ def test_versions_are_new_only_when_the_data_changes(store, tmp_path: Path) -> N
     manifest = json.loads((second.path / "manifest.json").read_text())
     assert manifest["parent"] == "v0001" and manifest["sources"] == {"pairwise": 1, "rating": 1}
     assert (tmp_path / "data" / "v0001" / "preference.jsonl").is_file()  # older versions stay for lineage
+
+
+# A real SIGKILL at the precise point: the ingest has staged preference.jsonl and is writing kto.jsonl.
+KILLED_INGEST = """
+import os, signal, sys
+import serving.ingest as ingest_module
+from serving.feedback_store import FeedbackStore
+
+def die(path, rows):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ingest_module.write_jsonl = die
+ingest_module.ingest(FeedbackStore(sys.argv[1]), sys.argv[2])
+"""
+
+
+def _files(version_dir: Path) -> dict[str, object]:
+    out: dict[str, object] = {p.name: p.read_text() for p in sorted(version_dir.iterdir())}
+    manifest = json.loads(str(out.pop("manifest.json")))
+    manifest.pop("created_at")
+    return out | {"manifest": manifest}
+
+
+def test_a_killed_ingest_leaves_no_version_and_the_rerun_matches_an_uninterrupted_one(
+    store, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    a, b = add_completions(store, "kill", ["A", "B"])
+    feedback(store, "pairwise", a, rejected=b)
+    (c,) = add_completions(store, "kto", ["C"])
+    feedback(store, "thumbs", c, 1)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_INGEST, store.url, str(killed)], capture_output=True, text=True
+    )
+    assert run.returncode == -9, run.stderr
+    leftovers = [p.name for p in killed.iterdir()]
+    assert not any(name.startswith("v") for name in leftovers)  # nothing that counts as a version
+    assert any(name.startswith(".staging-v0001") for name in leftovers)  # the half-written one
+
+    rerun = ingest(store, killed)
+    assert rerun.version == "v0001" and not rerun.unchanged
+    assert _files(rerun.path) == _files(ingest(store, clean).path)
+    assert sorted(p.name for p in killed.iterdir()) == [".lock", "v0001"]  # leftovers removed
+    assert ingest(store, killed).unchanged  # and re-running again is a no-op
+
+
+def test_an_incomplete_version_written_in_place_is_replaced_not_counted(store, tmp_path: Path) -> None:
+    a, b = add_completions(store, "legacy", ["A", "B"])
+    feedback(store, "pairwise", a, rejected=b)
+    (tmp_path / "data" / "v0001").mkdir(parents=True)
+    (tmp_path / "data" / "v0001" / "preference.jsonl").write_text('{"half": ')  # no manifest
+    data = ingest(store, tmp_path / "data")
+    assert data.version == "v0001" and data.pairs == 1
+    assert pairs_of(data.preference_file) == {("legacy", "A", "B", "pairwise")}

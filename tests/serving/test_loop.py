@@ -246,3 +246,71 @@ def test_schedule_trigger_retrains_below_the_pair_threshold(store, adapters, tmp
     scheduled = LoopConfig.model_validate(base | {"trigger": {"min_new_pairs": 100, "every_minutes": 1e-6}})
     assert run_once(scheduled, store, **turn).status == "promoted"  # the schedule fired on new data
     assert run_once(scheduled, store, **turn).status == "waiting"  # nothing new since then
+
+
+# One loop turn in a child process that is SIGKILLed at a chosen point: mid-retrain, or after
+# training but before the evaluation was recorded.
+KILLED_TURN = """
+import os, signal, sys
+from pathlib import Path
+from serving.config import LoopConfig
+from serving.feedback_store import FeedbackStore
+from serving.loop import run_once
+
+config = LoopConfig.model_validate_json(Path(sys.argv[1]).read_text())
+adapter, where = sys.argv[2], sys.argv[3]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def trainer(job):
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    (job.output_dir / "checkpoint-1").mkdir()  # what a real run has written when it dies
+    return die() if where == "train" else Path(adapter)
+
+run_once(config, FeedbackStore(config.serve.store_url), trainer=trainer, evaluator=lambda job: die())
+"""
+
+
+@pytest.mark.parametrize("where", ["train", "eval"])
+def test_a_loop_killed_mid_turn_is_finished_by_the_next_run(store, adapters, tmp_path: Path, where) -> None:
+    import subprocess
+    import sys
+
+    a, b = add_completions(store, "killed turn", ["A", "B"])
+    feedback(store, "pairwise", a, rejected=b)
+    config = LoopConfig.model_validate(
+        {
+            "serve": {"model": "tiny-random", "store_url": store.url},
+            "output_dir": str(tmp_path / "runs"),
+            "ingest": {"output_dir": str(tmp_path / "data")},
+            "trigger": {"min_new_pairs": 1},
+            "server_url": None,
+        }
+    )
+    (tmp_path / "loop.json").write_text(config.model_dump_json())
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_TURN, str(tmp_path / "loop.json"), str(adapters["a1"]), where],
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == -9, child.stderr
+    registry = ModelRegistry(store)
+    (row,) = registry.list()
+    assert row.eval_result is None and (row.adapter_path is None) == (where == "train")
+
+    trained: list[str] = []
+
+    def trainer(job) -> Path:
+        trained.append(job.output_dir.name)
+        return adapters["a1"]
+
+    result = run_once(config, store, trainer=trainer, evaluator=lambda job: {"win_rate": 1.0})
+    # the same version id and data version an uninterrupted turn would have produced
+    assert (result.status, result.version, result.data_version) == ("promoted", "v0001", "v0001")
+    assert trained == (["v0001"] if where == "train" else [])  # a finished adapter is not retrained
+    assert [v.id for v in registry.list()] == ["v0001"]
+    assert registry.current().adapter_path == str(adapters["a1"])
+    assert (
+        run_once(config, store, trainer=trainer, evaluator=lambda job: {"win_rate": 1.0}).status == "waiting"
+    )
