@@ -1,0 +1,47 @@
+"""The LLM judge talking to a real `prefloop serve` (tiny-random behind uvicorn, keys enforced)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from reward.judge import JudgeSettings, LLMJudge
+from tests.serving.conftest import CLIENT_KEY, RunningServer
+
+
+def completions(server: RunningServer) -> int:
+    from serving.feedback_store import Completion
+
+    with server.store.session() as session:
+        return session.scalar(select(func.count()).select_from(Completion)) or 0
+
+
+def test_judge_asks_a_running_prefloop_serve(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFLOOP_JUDGE_API_KEY", CLIENT_KEY)
+    settings = JudgeSettings(
+        base_url=f"{server.url}/v1",
+        model="tiny-random",
+        max_tokens=8,
+        max_parse_retries=1,
+        cache_dir=tmp_path / "cache",
+    )
+    before = completions(server)
+    judge = LLMJudge(settings)
+    result = judge.compare(["Name a fruit.", "Name a colour."], ["An apple.", "Blue."], ["A rock.", "Loud."])
+    judge.close()
+    # A random-weights model never writes a verdict: every reply is a counted parse failure, retried once,
+    # and the pairs stay undecided instead of being guessed.
+    assert result.requests == 8 and completions(server) - before == 8
+    assert result.parse_failures == 8 and result.unresolved == 4
+    assert result.scores == [None, None] and result.summary()["decided"] == 0
+    assert all(isinstance(a, str) for pair in result.raw for a in pair)
+
+    monkeypatch.setenv("PREFLOOP_JUDGE_API_KEY", "wrong-key")
+    from reward.judge import JudgeError
+
+    with pytest.raises(JudgeError, match=r"\(401\)"):
+        LLMJudge(settings).compare(["q"], ["a"], ["b"])
