@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from alignment.cli import ConfigOption, SetOption, cli_errors, console
+from alignment.cli_common import ConfigOption, SetOption, cli_errors, console
 from annotation.config import AnnotationConfig
 
 annotate_app = typer.Typer(
@@ -209,5 +209,5 @@ def progress_command(config: ConfigOption = None, overrides: SetOption = None) -
     out.print(table)
 
 
-def register(app: typer.Typer, train: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     app.add_typer(annotate_app, name="annotate")

@@ -1,8 +1,4 @@
-"""`prefloop train reward`, `prefloop reward score`, `prefloop eval`.
-
-Other training commands that need a reward model (PPO, GRPO) register here too: add the command
-function below and one line in `register`.
-"""
+"""`prefloop reward score` and `prefloop eval`. (`train reward` is in serving/train_commands.py.)"""
 
 from __future__ import annotations
 
@@ -13,33 +9,9 @@ from typing import Annotated
 
 import typer
 
-from alignment.cli import (
-    ConfigOption,
-    RayOption,
-    ResumeOption,
-    SetOption,
-    WorkersOption,
-    cli_errors,
-    print_metrics,
-    run_stage,
-)
+from alignment.cli_common import ConfigOption, SetOption, cli_errors
 
 reward_app = typer.Typer(help="Reward models: score responses.", no_args_is_help=True)
-
-
-def train_reward_command(
-    config: ConfigOption = None,
-    overrides: SetOption = None,
-    resume: ResumeOption = False,
-    ray: RayOption = False,
-    workers: WorkersOption = None,
-) -> None:
-    """Train a reward model (LoRA + scalar head, TRL RewardTrainer) on preference pairs."""
-    from reward.trainer import RewardRunConfig, train_reward
-
-    cfg, metrics = run_stage(RewardRunConfig, train_reward, config, overrides, resume, ray, workers)
-    shown = {k: v for k, v in metrics.items() if k.startswith(("heldout_", "train_loss", "train_runtime"))}
-    print_metrics(f"reward -> {cfg.output_dir} (report: reward_eval.json / .png)", shown)
 
 
 @reward_app.command("score")
@@ -116,70 +88,6 @@ def eval_command(
     print(f"wrote {cfg.output_dir / 'eval.json'} and {cfg.output_dir / 'eval.png'}")
 
 
-def register(app: typer.Typer, train: typer.Typer) -> None:
-    train.command("reward")(train_reward_command)
+def register(app: typer.Typer) -> None:
     app.add_typer(reward_app, name="reward")
     app.command("eval")(eval_command)
-    train.command("ppo")(train_ppo_command)
-    train.command("grpo")(train_grpo_command)
-
-
-RewardModelOption = Annotated[
-    str | None, typer.Option("--reward-model", help="Reward model directory (the config's reward_model).")
-]
-
-
-def _scorer(reward_model: str | None, stage: str):  # -> RewardScorer (imported lazily: the CLI starts fast)
-    from alignment.config import ConfigError
-    from reward.scorer import RewardScorer
-
-    if reward_model is None:
-        raise ConfigError(f"{stage}: no reward model; pass --reward-model or set reward_model in the config")
-    return RewardScorer.from_pretrained(reward_model)
-
-
-def with_reward_model(overrides: list[str] | None, reward_model: str | None) -> list[str]:
-    """`--reward-model X` is sugar for `--set reward_model=X`."""
-    return [*([f"reward_model={reward_model}"] if reward_model else []), *(overrides or [])]
-
-
-def train_ppo_command(
-    config: ConfigOption = None,
-    overrides: SetOption = None,
-    reward_model: RewardModelOption = None,
-    resume: ResumeOption = False,
-    ray: RayOption = False,
-    workers: WorkersOption = None,
-) -> None:
-    """PPO of the SFT adapter against a reward model (GAE, clipped losses, KL control, optional ptx)."""
-    from alignment.ppo import PPORunConfig, train_ppo
-
-    cfg, metrics = run_stage(
-        PPORunConfig,
-        lambda cfg: train_ppo(cfg, _scorer(cfg.reward_model, "ppo")),
-        config,
-        with_reward_model(overrides, reward_model),
-        resume,
-        ray,
-        workers,
-    )
-    print_metrics(f"PPO -> {cfg.output_dir} (curves: ppo_curves.png)", metrics)
-
-
-def train_grpo_command(
-    config: ConfigOption = None,
-    overrides: SetOption = None,
-    reward_model: RewardModelOption = None,
-    resume: ResumeOption = False,
-) -> None:
-    """GRPO or RLOO (TRL, no critic) of the SFT adapter against a reward model."""
-    from alignment.grpo import GRPORunConfig, train_grpo
-
-    cfg, metrics = run_stage(
-        GRPORunConfig,
-        lambda cfg: train_grpo(cfg, _scorer(cfg.reward_model, cfg.grpo.algorithm)),
-        config,
-        with_reward_model(overrides, reward_model),
-        resume,
-    )
-    print_metrics(f"{cfg.grpo.algorithm.upper()} -> {cfg.output_dir}", metrics)

@@ -1,15 +1,22 @@
-"""The one `prefloop` command: each stage's CLI module registers its commands here.
+"""The one `prefloop` command: mounts every stage's commands, imported explicitly.
 
-serving is the top layer, so this is the one place allowed to import every stage.
+serving is the top layer, so this is the one place allowed to import every stage. A stage
+whose CLI module fails to import is an ImportError here, never a silently missing command.
 """
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import version
 from typing import Annotated
 
 import typer
+
+from alignment import cli as alignment_cli
+from annotation import cli as annotation_cli
+from reward import cli as reward_cli
+from serving import commands as serving_commands
+from serving.quickstart import cli as quickstart_cli
+from serving.train_commands import train_app
 
 app = typer.Typer(
     name="prefloop",
@@ -17,13 +24,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-train_app = typer.Typer(
-    help="Training stages (each takes --config FILE.yaml and --set key=value).", no_args_is_help=True
-)
-app.add_typer(train_app, name="train")
-
-# Each module has `register(app, train)`; commands import their heavy dependencies lazily.
-STAGE_CLIS = ("alignment.cli", "reward.cli", "annotation.cli", "serving.commands")
 
 
 def _version(value: bool) -> None:
@@ -41,11 +41,9 @@ def main(
     """prefloop: turn human judgement into better models."""
 
 
-for module_name in STAGE_CLIS:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:  # a stage module that exists but fails to import is a bug: surface it
-            raise
-        continue
-    module.register(app, train_app)
+alignment_cli.register(app)  # models, chat
+reward_cli.register(app)  # reward score, eval
+annotation_cli.register(app)  # annotate ...
+serving_commands.register(app)  # serve, feedback, loop, registry
+quickstart_cli.register(app)  # quickstart: the whole loop end to end
+app.add_typer(train_app, name="train")  # train sft|dpo|kto|reward|ppo|grpo

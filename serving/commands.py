@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from alignment.cli import ConfigOption, SetOption, cli_errors, console, print_metrics
+from alignment.cli_common import ConfigOption, SetOption, cli_errors, console, print_metrics
 from alignment.config import load_config
 
 
@@ -302,7 +302,7 @@ def registry_rollback(
     console.print(f"current: {now.id if now else 'base'}")
 
 
-def register(app: typer.Typer, train: typer.Typer) -> None:
+def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.add_typer(feedback_app, name="feedback")
     app.add_typer(loop_app, name="loop")

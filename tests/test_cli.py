@@ -2,6 +2,9 @@
 
 from pathlib import Path
 
+import pytest
+import typer
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from serving.cli import app
@@ -15,13 +18,54 @@ def test_version() -> None:
     assert result.output.startswith("prefloop ")
 
 
+STAGE_COMMANDS = {
+    "models": "alignment",
+    "chat": "alignment",
+    "reward": "reward",
+    "eval": "reward",
+    "annotate": "annotation",
+    "serve": "serving",
+    "feedback": "serving",
+    "loop": "serving",
+    "registry": "serving",
+    "train": "serving",
+}
+TRAIN_FLAGS = {"--config", "--set", "--resume", "--ray", "--workers"}
+
+
+def _commands(group: object) -> dict:
+    assert isinstance(group, TyperGroup)
+    return dict(group.commands)
+
+
 def test_every_stage_registers_its_commands() -> None:
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    for command in ("models", "chat", "train"):
-        assert command in result.output
-    train_help = runner.invoke(app, ["train", "--help"]).output
-    assert "sft" in train_help
+    root = typer.main.get_command(app)
+    assert set(_commands(root)) == set(STAGE_COMMANDS)  # a missing stage loses its commands: fails here
+    train = _commands(root)["train"]
+    assert set(_commands(train)) == {"sft", "dpo", "kto", "reward", "ppo", "grpo"}
+    for name, command in _commands(train).items():
+        flags = {opt for param in command.params for opt in param.opts}
+        assert flags >= TRAIN_FLAGS, f"train {name} lacks {sorted(TRAIN_FLAGS - flags)}"
+    for name in ("ppo", "grpo"):
+        assert "--reward-model" in {o for p in _commands(train)[name].params for o in p.opts}
+    help_text = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    assert all(command in help_text for command in STAGE_COMMANDS)
+
+
+def test_a_stage_that_fails_to_import_is_an_error_not_a_missing_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The root imports each stage's CLI module by name: a broken stage breaks `prefloop` loudly."""
+    import importlib
+    import sys
+
+    import reward
+
+    monkeypatch.setitem(sys.modules, "reward.cli", None)  # importing it now raises ModuleNotFoundError
+    monkeypatch.delattr(reward, "cli")
+    monkeypatch.delitem(sys.modules, "serving.cli")  # restored (the real module) after the test
+    with pytest.raises(ImportError, match=r"reward\.cli"):
+        importlib.import_module("serving.cli")
 
 
 def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:

@@ -250,13 +250,8 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
 
 
 def test_cli_train_dpo_reports_config_errors(tmp_path: Path) -> None:
-    import typer
+    from serving.cli import app
 
-    from alignment.cli import register
-
-    app, train = typer.Typer(), typer.Typer()
-    app.add_typer(train, name="train")
-    register(app, train)
     result = CliRunner().invoke(app, ["train", "dpo", "--set", "dpo.beta=-1"])
     assert result.exit_code == 2
     assert "dpo.beta" in result.output
