@@ -55,8 +55,66 @@ def test_missing_file() -> None:
         load_config(SFTRunConfig, "/nonexistent/sft.yaml")
 
 
-def test_shipped_configs_validate() -> None:
-    """Every YAML in configs/ that names an SFT run must load without error."""
-    configs = Path(__file__).parents[2] / "configs"
-    for path in configs.glob("sft*.yaml"):
-        load_config(SFTRunConfig, path)
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+# Each shipped YAML and the model it must validate as ("module:Class"; fnmatch patterns).
+SHIPPED_CONFIG_MODELS = {
+    "sft*.yaml": "alignment.sft:SFTRunConfig",
+    "dpo*.yaml": "alignment.dpo:DPORunConfig",
+    "kto*.yaml": "alignment.kto:KTORunConfig",
+    "ppo*.yaml": "alignment.rl.config:PPORunConfig",
+    "grpo*.yaml": "alignment.rl.config:GRPORunConfig",
+    "reward*.yaml": "reward.trainer:RewardRunConfig",
+    "eval*.yaml": "reward.evaluate:EvalConfig",
+    "annotation*.yaml": "annotation.config:AnnotationConfig",
+    "serve*.yaml": "serving.config:ServeConfig",
+    "loop*.yaml": "serving.config:LoopConfig",
+    "quickstart*.yaml": "serving.quickstart.config:QuickstartConfig",
+    "rubric*.yaml": "serving.quickstart.rubric:Rubric",
+}
+
+
+def _model_for(path: Path) -> type:
+    import importlib
+    from fnmatch import fnmatch
+
+    matches = [target for pattern, target in SHIPPED_CONFIG_MODELS.items() if fnmatch(path.name, pattern)]
+    assert len(matches) == 1, f"{path.name}: map it to its config model in SHIPPED_CONFIG_MODELS"
+    module, name = matches[0].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    """Every YAML in configs/ loads as the model its command reads it with (unknown keys fail)."""
+    model = _model_for(path)
+    cfg = load_config(model, path)
+    assert isinstance(cfg, model)
+    assert set(cfg.model_fields_set) >= _top_level_keys(path)  # every key in the file was applied
+
+
+def _top_level_keys(path: Path) -> set[str]:
+    import yaml
+
+    return set(yaml.safe_load(path.read_text()) or {})
+
+
+def test_shipped_configs_are_all_checked() -> None:
+    """The glob above finds every config (a new one needs a mapping), and all eleven originals."""
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
+    original = {
+        "annotation",
+        "dpo",
+        "eval",
+        "grpo",
+        "kto",
+        "loop",
+        "ppo",
+        "reward",
+        "serve",
+        "sft",
+        "sft_ray",
+    }
+    assert {f"{n}.yaml" for n in original} <= names
+    for path in CONFIGS.glob("*.yaml"):
+        _model_for(path)
