@@ -1,7 +1,9 @@
-"""Candidate vs baseline on held-out prompts, judged by a reward model (`prefloop eval`).
+"""Candidate vs baseline on held-out prompts, judged by a reward model and an LLM judge (`prefloop eval`).
 
 For each model (base + optional LoRA adapter) we sample one response per prompt and report:
-- win rate of candidate over baseline by reward (ties counted apart and as half a win),
+- win rate of candidate over baseline by reward (ties counted apart and as half a win), and by an
+  LLM judge (`reward.judge`, both orders) when one is configured; every win rate with a 95% interval
+  (`reward.win_rate`),
 - mean reward and mean response length (tokens), and the fraction of responses that ended (EOS),
 - KL to the reference policy, estimated on the model's own samples as the mean per-token log-ratio
   KL(pi || pi_ref) ~= E_{y ~ pi} [ (1/|y|) sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) ],
@@ -9,15 +11,20 @@ For each model (base + optional LoRA adapter) we sample one response per prompt 
   r(x, y) = beta * log pi(y|x) / pi_ref(y|x),  accuracy = P[r(x, y_chosen) > r(x, y_rejected)].
 The reference is the base model with the adapter disabled (no second copy in memory), or an explicit
 reference model - e.g. the SFT adapter a DPO adapter started from.
+- perplexity on held-out SFT conversations, exp(total NLL of the assistant tokens / their number),
+- ROUGE-L (rouge-score), BLEU and chrF (sacrebleu) against reference answers where the prompts have them,
+- error analysis: the prompts where the candidate lost most, by each judge, beside the baseline's answer.
 
 `compare_models` is the Python entry point (the serving loop's promotion gate calls it);
-`run_eval(EvalConfig)` adds loading from files and writes eval.json + eval.png.
+`run_eval(EvalConfig)` adds loading from files and writes eval.json, eval.md and eval.png.
+All sampling goes through `sample_responses`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,9 @@ from alignment.preference_data import (
     prompt_messages,
     to_canonical,
 )
+from alignment.sft_data import load_conversations, to_prompt_completion
+from reward.judge import JudgeSettings, LLMJudge
+from reward.win_rate import outcomes, win_rate_with_ci
 
 Messages = list[dict[str, str]]
 Scorer = Callable[[list[Any], list[str]], list[float]]
@@ -91,6 +101,13 @@ class EvalConfig(StrictModel):
         0.1, gt=0, description="DPO beta (scales the implicit reward; accuracy does not depend on it)."
     )
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    judge: JudgeSettings | None = Field(None, description="LLM judge for a second win rate; null = none.")
+    sft_heldout: Path | None = Field(
+        None, description="Held-out SFT conversations (JSONL/datasets) for perplexity; null = skip."
+    )
+    max_heldout: int = Field(64, ge=1, description="Conversations of sft_heldout used.")
+    tie_tolerance: float = Field(1e-3, ge=0, description="Reward differences this small are ties.")
+    error_analysis_top_k: int = Field(5, ge=0, description="Worst-lost prompts listed per judge.")
     dtype: DTypeName = "auto"
     output_dir: Path = Path("runs/eval")
 
@@ -98,10 +115,28 @@ class EvalConfig(StrictModel):
 # --- prompts -------------------------------------------------------------------------------------
 
 
-def load_eval_prompts(path: Path, eval_fraction: float | None, limit: int) -> list[Messages]:
-    """Prompts of the held-out split, keyed by the same hashed id training split on."""
-    prompts = []
+def _reference(row: dict[str, Any], canonical: dict[str, Any] | None) -> str | None:
+    """A reference answer where the row has one: a pair's chosen reply, a conversation's last reply,
+    or a `reference` string."""
+    if canonical is not None:
+        return canonical["chosen"][-1]["content"]
+    if isinstance(row.get("reference"), str):
+        return row["reference"]
+    messages = row.get("messages")
+    if isinstance(messages, list) and len(messages) > 1 and isinstance(messages[-1], dict):
+        last = messages[-1]
+        if last.get("role") == "assistant" and isinstance(last.get("content"), str):
+            return last["content"]
+    return None
+
+
+def load_eval_items(
+    path: Path, eval_fraction: float | None, limit: int
+) -> tuple[list[Messages], list[str | None]]:
+    """(prompts, reference answers or None) of the held-out split, keyed by the hashed id training split on."""
+    prompts, references = [], []
     for where, row in read_rows(Path(path)):
+        canonical = None
         if "chosen" in row and "rejected" in row:
             canonical = to_canonical(row, where)
             prompt, row_id = canonical["prompt"], canonical["id"]
@@ -110,7 +145,13 @@ def load_eval_prompts(path: Path, eval_fraction: float | None, limit: int) -> li
             row_id = str(row["id"]) if row.get("id") is not None else pair_id(prompt, [], [])
         if eval_fraction is None or in_eval_split(row_id, eval_fraction):
             prompts.append(prompt)
-    return prompts[:limit]
+            references.append(_reference(row, canonical))
+    return prompts[:limit], references[:limit]
+
+
+def load_eval_prompts(path: Path, eval_fraction: float | None, limit: int) -> list[Messages]:
+    """Prompts of the held-out split, keyed by the same hashed id training split on."""
+    return load_eval_items(path, eval_fraction, limit)[0]
 
 
 # --- generation and log-probs --------------------------------------------------------------------
@@ -238,6 +279,44 @@ def encode_prompt(tokenizer: Any, prompt: Messages) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def perplexity(
+    model: torch.nn.Module, tokenizer: Any, conversations: list[Messages], batch_size: int = 8
+) -> dict[str, float]:
+    """exp(mean NLL per assistant token) over every assistant turn of held-out conversations, each
+    given the conversation before it (the tokens SFT trains on, end-of-turn tokens included)."""
+    examples = to_prompt_completion(conversations)
+    prompt_ids, response_ids = [], []
+    for ex in examples:
+        prompt = encode_prompt(tokenizer, ex["prompt"])
+        text = tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=False)
+        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids.append(prompt)
+        response_ids.append(full[len(prompt) :])
+    logps = sequence_logprobs(model, prompt_ids, response_ids, batch_size)
+    tokens = sum(len(lp) for lp in logps)
+    nll = -sum(float(lp.sum()) for lp in logps)
+    return {"perplexity": math.exp(nll / tokens) if tokens else float("nan"), "heldout_tokens": tokens}
+
+
+def reference_metrics(predictions: list[str], references: list[str | None]) -> dict[str, float]:
+    """ROUGE-L F1 (mean over answers), corpus BLEU and chrF, on the answers that have a reference."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    pairs = [(p, r) for p, r in zip(predictions, references, strict=True) if r]
+    if not pairs:
+        return {}
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge_l = [rouge.score(r, p)["rougeL"].fmeasure for p, r in pairs]
+    return {
+        "rouge_l": float(np.mean(rouge_l)),
+        "bleu": float(sacrebleu.corpus_bleu(preds, [refs]).score),
+        "chrf": float(sacrebleu.corpus_chrf(preds, [refs]).score),
+        "references": len(pairs),
+    }
+
+
 # --- the comparison ------------------------------------------------------------------------------
 
 
@@ -250,8 +329,10 @@ def evaluate_policy(
     preference_pairs: list[dict[str, Any]] | None = None,
     beta: float = 0.1,
     reference: torch.nn.Module | None = None,
+    heldout: list[Messages] | None = None,
+    references: list[str | None] | None = None,
 ) -> dict[str, Any]:
-    """Sample, score, and measure one model; returns summary numbers plus per-prompt rewards."""
+    """Sample, score, and measure one model; returns summary numbers plus per-prompt rewards and answers."""
     tokenizer = load_tokenizer(spec.base)
     model = load_with_adapter(spec.base, spec.adapter, plan).eval()
     prompt_ids, response_ids = sample_responses(model, tokenizer, prompts, sampling)
@@ -271,6 +352,7 @@ def evaluate_policy(
         "mean_length": float(np.mean([len(r) for r in response_ids])),
         "ended_with_eos": float(np.mean([bool(r) and r[-1] == tokenizer.eos_token_id for r in response_ids])),
         "rewards": [float(r) for r in rewards],
+        "responses": texts,
         "samples": [
             {"prompt": p[-1]["content"], "response": t} for p, t in zip(prompts[:3], texts[:3], strict=False)
         ],
@@ -279,6 +361,10 @@ def evaluate_policy(
         result.update(
             implicit_reward_accuracy(model, tokenizer, preference_pairs, beta, sampling.batch_size, reference)
         )
+    if heldout:
+        result.update(perplexity(model, tokenizer, heldout, sampling.batch_size))
+    if references:
+        result.update(reference_metrics(texts, references))
     del model
     return result
 
@@ -294,31 +380,138 @@ def compare_models(
     plan: DevicePlan | None = None,
     tie_tolerance: float = 1e-3,
     reference: ModelSpec | None = None,
+    judge: LLMJudge | None = None,
+    heldout: list[Messages] | None = None,
+    references: list[str | None] | None = None,
+    top_k: int = 5,
 ) -> dict[str, Any]:
     """Win rate of candidate over baseline on the same prompts, plus each model's reward, KL and length.
 
     KL and implicit rewards are against `reference` when given, else each model's adapter-disabled base.
+    With `judge`, an LLM-judge win rate too; with `heldout` conversations, each model's perplexity;
+    with `references`, ROUGE-L/BLEU/chrF. `error_analysis` lists the `top_k` worst-lost prompts per judge.
     """
     sampling = sampling or SamplingSettings()
     plan = plan or plan_device()
     ref = load_with_adapter(reference.base, reference.adapter, plan).eval() if reference else None
-    cand = evaluate_policy(candidate, prompts, scorer, sampling, plan, preference_pairs, beta, ref)
-    base = evaluate_policy(baseline, prompts, scorer, sampling, plan, preference_pairs, beta, ref)
-    diff = np.array(cand["rewards"]) - np.array(base["rewards"])
-    wins, ties = int(np.sum(diff > tie_tolerance)), int(np.sum(np.abs(diff) <= tie_tolerance))
-    return {
+    extra = {"heldout": heldout, "references": references}
+    cand = evaluate_policy(candidate, prompts, scorer, sampling, plan, preference_pairs, beta, ref, **extra)
+    base = evaluate_policy(baseline, prompts, scorer, sampling, plan, preference_pairs, beta, ref, **extra)
+    by_reward = win_rate_with_ci(outcomes(cand["rewards"], base["rewards"], tie_tolerance))
+    result: dict[str, Any] = {
         "prompts": len(prompts),
-        "wins": wins,
-        "ties": ties,
-        "losses": len(prompts) - wins - ties,
-        "win_rate": (wins + 0.5 * ties) / len(prompts),
+        "wins": by_reward["wins"],
+        "ties": by_reward["ties"],
+        "losses": by_reward["losses"],
+        "win_rate": by_reward["win_rate"],
+        "win_rate_ci95": by_reward["ci95"],
         "candidate": cand,
         "baseline": base,
         "sampling": sampling.model_dump(),
     }
+    analysis = {"reward": reward_losses(prompts, cand, base, tie_tolerance, top_k)}
+    if judge is not None:
+        verdicts = judge.compare(prompts, cand["responses"], base["responses"])
+        decided = win_rate_with_ci(verdicts.decided)
+        result["judge"] = {
+            **verdicts.summary(),
+            "model": judge.settings.model,
+            "win_rate_ci95": decided["ci95"],
+            "scores": verdicts.scores,
+        }
+        analysis["judge"] = judge_losses(prompts, cand, base, verdicts.scores, verdicts.verdicts, top_k)
+    if "perplexity" in cand and "perplexity" in base:
+        result["perplexity_increase"] = cand["perplexity"] / base["perplexity"] - 1
+    result["error_analysis"] = analysis
+    return result
 
 
-SUMMARY_KEYS = ("mean_reward", "kl_to_reference", "mean_length", "ended_with_eos", "implicit_reward_accuracy")
+def _prompt_text(prompt: Messages) -> str:
+    return prompt[-1]["content"] if prompt else ""
+
+
+def reward_losses(
+    prompts: list[Messages], cand: dict[str, Any], base: dict[str, Any], tie_tolerance: float, top_k: int
+) -> list[dict[str, Any]]:
+    """The prompts the candidate lost by the largest reward margin, with both answers."""
+    margins = np.array(cand["rewards"]) - np.array(base["rewards"])
+    order = [int(i) for i in np.argsort(margins, kind="stable") if margins[i] < -tie_tolerance]
+    return [
+        {
+            "prompt": _prompt_text(prompts[i]),
+            "candidate": cand["responses"][i],
+            "baseline": base["responses"][i],
+            "candidate_reward": cand["rewards"][i],
+            "baseline_reward": base["rewards"][i],
+            "margin": float(margins[i]),
+        }
+        for i in order[:top_k]
+    ]
+
+
+def judge_losses(
+    prompts: list[Messages],
+    cand: dict[str, Any],
+    base: dict[str, Any],
+    scores: list[float | None],
+    verdicts: list[tuple[Any, Any]],
+    top_k: int,
+) -> list[dict[str, Any]]:
+    """The prompts the judge gave to the baseline, lost in both orders first."""
+    lost = sorted((s, i) for i, s in enumerate(scores) if s is not None and s < 0.5)
+    return [
+        {
+            "prompt": _prompt_text(prompts[i]),
+            "candidate": cand["responses"][i],
+            "baseline": base["responses"][i],
+            "judge_score": s,
+            "verdicts": {"candidate_first": verdicts[i][0], "baseline_first": verdicts[i][1]},
+        }
+        for s, i in lost[:top_k]
+    ]
+
+
+SUMMARY_KEYS = (
+    "mean_reward",
+    "kl_to_reference",
+    "mean_length",
+    "ended_with_eos",
+    "implicit_reward_accuracy",
+    "perplexity",
+    "rouge_l",
+    "bleu",
+    "chrf",
+)
+
+
+def _ci(interval: list[float] | None) -> str:
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+
+
+def win_rate_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(judge, win rate with its 95% interval, W/T/L) for each judge of the comparison."""
+    rows = [
+        (
+            "reward model",
+            f"{result['win_rate']:.3f} {_ci(result.get('win_rate_ci95'))}",
+            f"W {result['wins']} / T {result['ties']} / L {result['losses']}",
+        )
+    ]
+    if judge := result.get("judge"):
+        bias = (
+            f", picks A {judge['position_bias']:.2f}"
+            if judge["position_bias"] == judge["position_bias"]
+            else ""
+        )
+        rows.append(
+            (
+                f"LLM judge ({judge['model']})",
+                f"{judge['win_rate']:.3f} {_ci(judge.get('win_rate_ci95'))}",
+                f"W {judge['wins']} / T {judge['ties']} / L {judge['losses']}, "
+                f"{judge['parse_failures']} parse failures{bias}",
+            )
+        )
+    return rows
 
 
 def print_comparison(result: dict[str, Any]) -> None:
@@ -334,12 +527,67 @@ def print_comparison(result: dict[str, Any]) -> None:
         cells = [result[side].get(key) for side in ("candidate", "baseline")]
         if any(c is not None for c in cells):
             table.add_row(key, *("-" if c is None else f"{c:.4g}" for c in cells))
-    table.add_row(
-        "win rate (ties = 1/2)",
-        f"{result['win_rate']:.3f}",
-        f"W {result['wins']} / T {result['ties']} / L {result['losses']}",
-    )
-    Console().print(table)
+    if "perplexity_increase" in result:
+        table.add_row("perplexity increase", f"{result['perplexity_increase']:+.2%}", "")
+    for judge, rate, counts in win_rate_rows(result):
+        table.add_row(f"win rate by {judge} (95% CI)", rate, counts)
+    console = Console()
+    console.print(table)
+    for judge, losses in result.get("error_analysis", {}).items():
+        if not losses:
+            continue
+        worst = Table(title=f"where the candidate lost most (by {judge})", show_lines=True)
+        for column in ("prompt", "candidate", "baseline", "score"):
+            worst.add_column(column, overflow="fold", max_width=48 if column != "score" else 18)
+        for row in losses:
+            score = (
+                f"{row['candidate_reward']:.3g} vs {row['baseline_reward']:.3g}"
+                if "margin" in row
+                else f"judge {row['judge_score']:.2f}"
+            )
+            worst.add_row(row["prompt"], row["candidate"], row["baseline"], score)
+        console.print(worst)
+
+
+def _cell(text: Any, limit: int = 200) -> str:
+    text = str(text).replace("\n", " ").replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    """eval.md: the metrics table, every win rate with its interval, and the error analysis."""
+    cand, base = result["candidate"], result["baseline"]
+    lines = [
+        f"# Evaluation: candidate vs baseline on {result['prompts']} prompts",
+        "",
+        "| metric | candidate | baseline |",
+        "| --- | ---: | ---: |",
+        f"| model | {_cell(cand['model'])} | {_cell(base['model'])} |",
+    ]
+    for key in SUMMARY_KEYS:
+        cells = [cand.get(key), base.get(key)]
+        if any(c is not None for c in cells):
+            lines.append(f"| {key} | " + " | ".join("-" if c is None else f"{c:.4g}" for c in cells) + " |")
+    lines += ["", "| judge | win rate [95% CI] | outcome |", "| --- | --- | --- |"]
+    lines += [f"| {j} | {r} | {c} |" for j, r, c in win_rate_rows(result)]
+    if "perplexity_increase" in result:
+        lines.append(f"\nPerplexity increase of the candidate: {result['perplexity_increase']:+.2%}.")
+    for judge, losses in result.get("error_analysis", {}).items():
+        lines += ["", f"## Where the candidate lost most (by {judge})", ""]
+        if not losses:
+            lines.append("No losses.")
+            continue
+        lines += ["| prompt | candidate | baseline | score |", "| --- | --- | --- | --- |"]
+        for row in losses:
+            score = (
+                f"{row['candidate_reward']:.3g} vs {row['baseline_reward']:.3g}"
+                if "margin" in row
+                else f"{row['judge_score']:.2f}"
+            )
+            lines.append(
+                f"| {_cell(row['prompt'])} | {_cell(row['candidate'])} | {_cell(row['baseline'])} | {score} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def plot_comparison(result: dict[str, Any], path: Path) -> Path:
@@ -377,13 +625,29 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         if (config.baseline.model or config.baseline.adapter)
         else ModelSpec(model=config.candidate.base)
     )
-    prompts = load_eval_prompts(config.prompts, config.eval_fraction, config.max_prompts)
+    prompts, references = load_eval_items(config.prompts, config.eval_fraction, config.max_prompts)
     pairs = load_preference_rows(config.preference_eval) if config.preference_eval else None
+    heldout = load_conversations(config.sft_heldout)[: config.max_heldout] if config.sft_heldout else None
+    judge = LLMJudge(config.judge) if config.judge else None
     scorer = RewardScorer.from_pretrained(config.reward_model, plan)
     result = compare_models(
-        config.candidate, baseline, scorer, prompts, config.sampling, pairs, config.beta, plan
+        config.candidate,
+        baseline,
+        scorer,
+        prompts,
+        config.sampling,
+        pairs,
+        config.beta,
+        plan,
+        tie_tolerance=config.tie_tolerance,
+        reference=config.reference,
+        judge=judge,
+        heldout=heldout,
+        references=references if any(references) else None,
+        top_k=config.error_analysis_top_k,
     )
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    (config.output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    (config.output_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    (config.output_dir / "eval.md").write_text(report_markdown(result), encoding="utf-8")
     plot_comparison(result, config.output_dir / "eval.png")
     return result

@@ -122,3 +122,133 @@ def test_explicit_reference_is_used_for_kl(tiny_model: Path, trained: tuple, ran
     )
     assert result["candidate"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # its own reference
     assert result["baseline"]["kl_to_reference"] != 0.0  # the base measured against the adapter model
+
+
+def test_perplexity_matches_a_hand_computed_value(tiny_model: Path) -> None:
+    import math
+
+    import torch
+
+    from alignment.models import load_causal_lm, load_tokenizer
+    from reward.evaluate import perplexity
+
+    tokenizer, model = load_tokenizer(tiny_model), load_causal_lm(tiny_model).eval()
+    conversations = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, sailor."}],
+        [
+            {"role": "user", "content": "Count to three, please"},
+            {"role": "assistant", "content": "One two three"},
+        ],
+    ]
+    # By hand: one unpadded forward pass per conversation, -log p of each assistant token summed.
+    nll, tokens = 0.0, 0
+    for conv in conversations:
+        text = tokenizer.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
+        n_prompt = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(tokenizer.apply_chat_template(conv, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        for t in range(n_prompt, len(ids)):
+            nll -= torch.log_softmax(logits[t - 1], dim=-1)[ids[t]].item()
+            tokens += 1
+    result = perplexity(model, tokenizer, conversations, batch_size=2)  # padded batch of both
+    assert result["heldout_tokens"] == tokens
+    assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+    assert result["perplexity"] > 1000  # random weights over a 49k vocabulary: close to uniform
+
+
+def test_reference_metrics_and_win_rate_intervals() -> None:
+    from reward.evaluate import reference_metrics
+    from reward.win_rate import outcomes, win_rate_with_ci
+
+    same = reference_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert same["rouge_l"] == pytest.approx(1.0) and same["bleu"] == pytest.approx(100.0)
+    assert same["chrf"] == pytest.approx(100.0)
+    other = reference_metrics(["a dog ran far", "x"], ["the cat sat on the mat", None])
+    assert other["rouge_l"] == 0.0 and other["references"] == 1 and other["chrf"] < 20
+    assert reference_metrics(["a"], [None]) == {}
+
+    points = outcomes([1, 2, 3, 4], [0, 2, 5, 0], tie_tolerance=1e-3)
+    assert points == [1.0, 0.5, 0.0, 1.0]
+    wr = win_rate_with_ci(points * 10)
+    assert wr["win_rate"] == pytest.approx(0.625) and (wr["wins"], wr["ties"], wr["losses"]) == (20, 10, 10)
+    low, high = wr["ci95"]
+    assert 0.45 < low < 0.625 < high < 0.8
+    narrow = win_rate_with_ci(points * 100)["ci95"]
+    assert narrow[1] - narrow[0] < high - low  # more prompts, tighter interval
+
+
+def test_judge_perplexity_references_and_error_analysis_in_one_comparison(
+    tiny_model: Path, trained: tuple, random_adapter: Path, tmp_path: Path
+) -> None:
+    import httpx
+
+    from reward.evaluate import report_markdown
+    from reward.judge import JudgeSettings, LLMJudge
+
+    def prefers_baseline_when_shown_second(request: httpx.Request) -> httpx.Response:
+        # Always says B: in both orders that is one win each way, so every pair is a tie after debiasing.
+        return httpx.Response(200, json={"choices": [{"message": {"content": "[[B]]"}}]})
+
+    judge = LLMJudge(
+        JudgeSettings(
+            base_url="http://judge.test/v1", model="fake", api_key_env=None, cache_dir=tmp_path / "c"
+        ),
+        transport=httpx.MockTransport(prefers_baseline_when_shown_second),
+    )
+    scorer = RewardScorer.from_pretrained(trained[0])
+    heldout = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]]
+    references = ["red ahoy", None, "blue", "green ahoy"]
+    result = compare_models(
+        ModelSpec(adapter=random_adapter), ModelSpec(model=str(tiny_model)), scorer, PROMPTS, SAMPLING,
+        judge=judge, heldout=heldout, references=references, top_k=2,
+    )  # fmt: skip
+    assert result["judge"]["win_rate"] == 0.5 and result["judge"]["ties"] == 4
+    assert result["judge"]["position_bias"] == 0.0 and result["judge"]["requests"] == 8
+    assert len(result["win_rate_ci95"]) == 2 and len(result["judge"]["win_rate_ci95"]) == 2
+    cand, base = result["candidate"], result["baseline"]
+    assert cand["perplexity"] > 1 and base["perplexity"] > 1
+    assert result["perplexity_increase"] == pytest.approx(cand["perplexity"] / base["perplexity"] - 1)
+    assert cand["references"] == 3 and 0 <= cand["rouge_l"] <= 1 and "chrf" in base
+    losses = result["error_analysis"]["reward"]
+    assert len(losses) == min(2, result["losses"])
+    margins = [row["margin"] for row in losses]
+    assert margins == sorted(margins) and all(m < 0 for m in margins)
+    for row in losses:
+        i = [p[-1]["content"] for p in PROMPTS].index(row["prompt"])
+        assert (row["candidate"], row["baseline"]) == (cand["responses"][i], base["responses"][i])
+    assert result["error_analysis"]["judge"] == []  # ties are not losses
+    markdown = report_markdown(result)
+    assert "| reward model |" in markdown and "LLM judge (fake)" in markdown and "perplexity" in markdown
+    assert "Where the candidate lost most (by reward)" in markdown
+
+
+def test_error_analysis_ranks_the_judges_worst_losses() -> None:
+    from reward.evaluate import judge_losses
+
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    cand = {"responses": ["c0", "c1", "c2", "c3"]}
+    base = {"responses": ["b0", "b1", "b2", "b3"]}
+    scores = [0.25, 1.0, 0.0, None]
+    verdicts = [("B", "tie"), ("A", "B"), ("B", "A"), (None, None)]
+    rows = judge_losses(prompts, cand, base, scores, verdicts, top_k=5)
+    assert [(r["prompt"], r["candidate"], r["baseline"], r["judge_score"]) for r in rows] == [
+        ("q2", "c2", "b2", 0.0),
+        ("q0", "c0", "b0", 0.25),
+    ]
+    assert rows[0]["verdicts"] == {"candidate_first": "B", "baseline_first": "A"}
+
+
+def test_error_analysis_ranks_the_reward_models_worst_losses() -> None:
+    from reward.evaluate import reward_losses
+
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+    cand = {"responses": ["c0", "c1", "c2", "c3"], "rewards": [0.0, 1.0, -2.0, 0.5]}
+    base = {"responses": ["b0", "b1", "b2", "b3"], "rewards": [1.0, 0.0, 0.0, 0.5]}
+    rows = reward_losses(prompts, cand, base, tie_tolerance=1e-3, top_k=5)
+    assert [(r["prompt"], r["candidate"], r["baseline"], r["margin"]) for r in rows] == [
+        ("q2", "c2", "b2", -2.0),
+        ("q0", "c0", "b0", -1.0),
+    ]
