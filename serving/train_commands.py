@@ -120,7 +120,8 @@ def train_ppo(
     workers: WorkersOption = None,
 ) -> None:
     """PPO of the SFT adapter against a reward model (GAE, clipped losses, KL control, optional ptx)."""
-    from alignment.ppo import PPORunConfig, train_ppo
+    from alignment.rl.config import PPORunConfig
+    from alignment.rl.ppo import train_ppo
 
     cfg, metrics = run_stage(
         PPORunConfig,
@@ -144,7 +145,8 @@ def train_grpo(
     workers: WorkersOption = None,
 ) -> None:
     """GRPO or RLOO (TRL, no critic) of the SFT adapter against a reward model."""
-    from alignment.grpo import GRPORunConfig, train_grpo
+    from alignment.rl.config import GRPORunConfig
+    from alignment.rl.grpo import train_grpo
 
     cfg, metrics = run_stage(
         GRPORunConfig,
