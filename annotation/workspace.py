@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from alignment.models import prefloop_home
+from alignment.paths import prefloop_home
 from annotation.config import ServerSettings
 from annotation.server_venv import ensure_server_venv, redis_server_binary
 
@@ -210,10 +210,16 @@ def up(settings: ServerSettings, console: Console | None = None) -> Connection:
             "127.0.0.1",
             "--dir",
             str(home / "redis"),
+            # Argilla's job queue lives in Redis: an append-only file (replayed on restart) keeps
+            # queued jobs through a crash; everysec bounds what a power loss can take to ~1 s
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--appendfilename",
+            "argilla-jobs.aof",
         ]
         processes["redis"] = _spawn("redis", cmd, env, home)
         env["ARGILLA_REDIS_URL"] = redis_url

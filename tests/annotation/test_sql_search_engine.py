@@ -176,7 +176,9 @@ def test_suggestion_value_score_agent(searchable: Fixture) -> None:
 
 def test_response_status_is_per_user_on_the_annotator_endpoint(searchable: Fixture) -> None:
     def by_status(user: str, *statuses: str) -> list[str]:
-        return sorted(search(searchable, filters(terms(STATUS, list(statuses))), user=user)[0])
+        ids, total = search(searchable, filters(terms(STATUS, list(statuses))), user=user)
+        assert total == len(ids)  # the queue's count is derived apart from its page
+        return sorted(ids)
 
     assert by_status("u1", "pending") == ["r3", "r4", "r5"]
     assert by_status("u1", "submitted") == ["r0"]
@@ -199,6 +201,15 @@ def test_record_status_follows_task_distribution(searchable: Fixture) -> None:
     # the annotation page's query: my pending AND record pending
     mine = search(searchable, filters(terms(STATUS, ["pending"]), terms(record, ["pending"])), user="u2")[0]
     assert sorted(mine) == ["r1", "r2", "r3", "r4", "r5"]
+    # one page of the queue still counts the whole queue
+    page = search(
+        searchable, filters(terms(record, ["pending"]), terms(STATUS, ["pending"])), user="u1", limit=1
+    )
+    assert len(page[0]) == 1 and page[1] == 3  # r3, r4, r5: u1 answered r0, r1, r2
+    text = search(
+        searchable, {"query": {"text": {"q": "plain"}}, **filters(terms(STATUS, ["pending"]))}, user="u1"
+    )
+    assert sorted(text[0]) == ["r4", "r5"] and text[1] == 2
 
 
 def test_response_value_filter(searchable: Fixture) -> None:
@@ -273,3 +284,22 @@ def test_metadata_metrics_and_progress(searchable: Fixture) -> None:
     ).json()
     assert mine["responses"]["submitted"] == 1 and mine["responses"]["draft"] == 1
     assert mine["responses"]["discarded"] == 1 and mine["responses"]["pending"] == 3
+
+
+def test_sdk_filters_on_the_server_id_and_the_external_id(searchable: Fixture) -> None:
+    # `_server_id` reaches the engine as the record's uuid column with string values (issue 12: a 500)
+    client = rg.Argilla(api_url=searchable.url, api_key=searchable.owner_key, timeout=60)
+    dataset = client.datasets(id=searchable.dataset_id)
+    uuids = {external: uid for uid, external in searchable.ids.items()}
+
+    def external_ids(*conditions: tuple) -> list[str]:
+        query = rg.Query(filter=rg.Filter(list(conditions)))
+        return sorted(r.id for r in dataset.records(query=query, with_suggestions=False))
+
+    assert external_ids(("_server_id", "==", uuids["r3"])) == ["r3"]
+    assert external_ids(("_server_id", "in", [uuids["r0"], uuids["r5"]])) == ["r0", "r5"]
+    assert external_ids(("_server_id", "==", uuids["r0"]), ("metadata.color", "==", "green")) == []
+    assert external_ids(("id", "in", ["r1", "r2"])) == ["r1", "r2"]  # the external id, by contrast
+    # not a uuid at all: no match, not a server error
+    body = filters(terms({"entity": "record", "property": "id"}, ["not-a-uuid"]))
+    assert search(searchable, body) == ([], 0)

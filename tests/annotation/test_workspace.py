@@ -88,3 +88,91 @@ def test_up_against_a_remote_argilla_checks_it_instead_of_starting_one(tmp_path,
     )
     assert result.exit_code == 1 and f"cannot reach Argilla at {url}" in result.output
     assert not (tmp_path / "run").exists()  # no local process was started
+
+
+def _kill_all(home) -> None:
+    """SIGKILL every workspace process at once (a crash, not a shutdown), and reap them."""
+    import contextlib
+    import os
+    import signal
+
+    processes = _read_state(home)["processes"]
+    for info in processes.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(info["pid"], signal.SIGKILL)
+    for info in processes.values():
+        with contextlib.suppress(ChildProcessError):  # our children: `up` ran in this process
+            os.waitpid(info["pid"], 0)
+
+
+@pytest.mark.argilla
+@pytest.mark.slow
+def test_a_killed_workspace_keeps_submitted_responses_and_queued_jobs(tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    import argilla as rg
+    import httpx
+
+    from annotation import workspace
+    from annotation.users import add_user
+
+    settings = ServerSettings(home=str(tmp_path / "argilla"), port=free_port(), startup_timeout_s=180)
+    home = server_home(settings)
+    conn = workspace.up(settings)
+    try:
+        client = conn.client()
+        ann = [add_user(client, f"crash-{i}", "crash") for i in (1, 2)]
+        dataset = rg.Dataset(
+            name="crash",
+            workspace="crash",
+            settings=rg.Settings(
+                fields=[rg.TextField("text")],
+                questions=[rg.LabelQuestion("label", labels=["x", "y"])],
+                distribution=rg.TaskDistribution(min_submitted=2),
+            ),
+            client=client,
+        ).create()
+        dataset.records.log([rg.Record(id=f"r{i}", fields={"text": f"text {i}"}) for i in range(3)])
+        headers = {"X-Argilla-Api-Key": conn.api_key}
+        api = f"{conn.url}/api/v1"
+        records = httpx.get(f"{api}/datasets/{dataset.id}/records", headers=headers).json()["items"]
+        r0 = next(r for r in records if r["external_id"] == "r0")
+        for creds in ann:  # two annotators submit through the API: r0 is completed
+            answer = {"values": {"label": {"value": "x"}}, "status": "submitted"}
+            sent = httpx.post(
+                f"{api}/records/{r0['id']}/responses",
+                json=answer,
+                headers={"X-Argilla-Api-Key": creds.api_key},
+            )
+            assert sent.status_code == 201, sent.text
+
+        def r0_status() -> str:
+            body = httpx.get(f"{api}/records/{r0['id']}", headers=headers, timeout=10).json()
+            return body["status"]
+
+        assert r0_status() == "completed"
+        # With the worker down, raising min_submitted queues a job that re-derives record status.
+        worker = _read_state(home)["processes"]["worker"]
+        os.killpg(worker["pid"], signal.SIGKILL)
+        changed = httpx.patch(
+            f"{api}/datasets/{dataset.id}",
+            json={"distribution": {"strategy": "overlap", "min_submitted": 3}},
+            headers=headers,
+        )
+        assert changed.status_code == 200, changed.text
+        time.sleep(1.5)  # past Redis' once-a-second fsync of its append-only file
+        assert r0_status() == "completed"  # the job is queued, not run
+
+        _kill_all(home)  # redis, server (and the dead worker): a crash of the whole workspace
+        conn = workspace.up(settings)  # restarts with no manual repair
+        deadline = time.monotonic() + 60
+        while r0_status() != "pending" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert r0_status() == "pending"  # the queued job survived and the new worker ran it
+        responses = httpx.get(f"{api}/records/{r0['id']}", headers=headers, params={"include": "responses"})
+        saved = [r for r in responses.json()["responses"] if r["status"] == "submitted"]
+        assert len(saved) == 2  # both acknowledged submissions are still there
+    finally:
+        workspace.down(settings)
