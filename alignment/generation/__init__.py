@@ -1,0 +1,35 @@
+"""One generation engine for everything that samples: PPO/GRPO rollouts, `annotate push`,
+`prefloop eval` and `prefloop serve` (see engine.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from alignment.generation.engine import Engine, FinishReason, SamplingParams, Sequence
+from alignment.generation.llama import UnsupportedModelError
+from alignment.generation.lora import AdapterError
+
+Backend = Literal["native"]
+
+__all__ = [
+    "AdapterError",
+    "Backend",
+    "Engine",
+    "FinishReason",
+    "SamplingParams",
+    "Sequence",
+    "UnsupportedModelError",
+    "load_engine",
+]
+
+
+def load_engine(
+    model: torch.nn.Module, tokenizer: Any | None = None, backend: Backend = "native", **kwargs: Any
+) -> Engine:
+    """The engine for `model`. Only "native" ships: a vLLM backend for GPU machines would be
+    added here behind the same interface once a test has run it."""
+    if backend != "native":
+        raise ValueError(f"generation backend {backend!r} is not available; choose 'native'")
+    return Engine(model, tokenizer, **kwargs)

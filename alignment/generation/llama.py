@@ -1,0 +1,196 @@
+"""A Llama-family forward pass written for generation: prefill and decode, on a static KV cache.
+
+Hugging Face's forward builds attention masks, cache objects and module hooks at every call;
+on a CPU at batch 16 that per-call and per-operation overhead (not arithmetic) dominates a
+decode step. This module runs the same operations on the same weights (the model's own
+tensors, not copies, unless LoRA is merged) and keeps HF's numerics where a test compares
+against `generate`: fp32 RMSNorm, HF's rotary module, eager attention with an fp32 softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alignment.generation.kv_cache import StaticKVCache
+from alignment.generation.lora import Adapter, RowLora, merge_into
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    """The engine implements the Llama family; other architectures need another backend."""
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    proj: dict[str, torch.Tensor]  # q_proj ... down_proj -> weight [out, in]
+    bias: dict[str, torch.Tensor]  # qwen2 has q/k/v biases
+
+
+class LlamaWeights:
+    """The tensors of a (PEFT-wrapped or plain) HF Llama-family causal LM, by reference."""
+
+    def __init__(self, model: torch.nn.Module):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config
+        if config.model_type not in SUPPORTED:
+            raise UnsupportedModelError(
+                f"the generation engine runs {', '.join(SUPPORTED)} models; this one is {config.model_type!r}"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", config.model_type == "mistral"):
+            raise UnsupportedModelError("sliding-window attention is not implemented by the engine")
+        self.config = config
+        inner = base.model
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.lm_head = base.lm_head.weight
+        self.rotary = inner.rotary_emb  # HF's own: every rope_type, same cos/sin numerics
+        self.eps = config.rms_norm_eps
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim**-0.5
+        self.layers: list[Layer] = []
+        for block in inner.layers:
+            proj, bias = {}, {}
+            for owner, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                 (block.mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
+                for name in names:
+                    linear = getattr(owner, name)
+                    linear = getattr(linear, "base_layer", linear)  # PEFT wraps the projection
+                    proj[name] = linear.weight
+                    if linear.bias is not None:
+                        bias[name] = linear.bias
+            self.layers.append(
+                Layer(block.input_layernorm.weight, block.post_attention_layernorm.weight, proj, bias)
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def merged(self, adapter: Adapter) -> LlamaWeights:
+        """A copy whose projections have `adapter` merged in (W + B A rounded once to the dtype)."""
+        copy = object.__new__(LlamaWeights)
+        copy.__dict__.update(self.__dict__)
+        copy.layers = []
+        for i, layer in enumerate(self.layers):
+            proj = dict(layer.proj)
+            for name in proj:
+                if (i, name) in adapter.weights:
+                    proj[name] = merge_into(proj[name], *adapter.weights[i, name])
+            copy.layers.append(Layer(layer.input_norm, layer.post_norm, proj, layer.bias))
+        return copy
+
+    def new_cache(self, slots: int, capacity: int) -> StaticKVCache:
+        return StaticKVCache(
+            len(self.layers), self.kv_heads, self.head_dim, slots, capacity, self.dtype, self.device
+        )
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # HF's LlamaRMSNorm: normalise in fp32, scale after casting back.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _project(
+    w: LlamaWeights, layer: Layer, i: int, name: str, x: torch.Tensor, lora: RowLora
+) -> torch.Tensor:
+    y = F.linear(x, layer.proj[name], layer.bias.get(name))
+    delta = lora.delta(i, name, x)
+    return y if delta is None else y + delta
+
+
+def forward(
+    w: LlamaWeights,
+    cache: StaticKVCache,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    lora: RowLora,
+    *,
+    slots: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    last: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits [rows, vocab] (fp32) of one position per row, updating the cache.
+
+    Prefill (`slots` given): ids [rows, t] right-padded prompts written to cache rows `slots`
+    at positions 0..t-1; `lengths` are the real prompt lengths, `last` the position whose
+    logits are returned. Decode (`slots` None): ids [rows, 1] for cache rows 0..rows-1, each at
+    its own position `positions[:, 0]`; attention covers positions <= that.
+    """
+    rows, t = ids.shape
+    decode = slots is None
+    h = F.embedding(ids, w.embed)
+    cos, sin = w.rotary(h, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    min_value = torch.finfo(h.dtype).min
+    if decode:
+        span = int(positions.max()) + 1
+        pos = positions[:, 0]
+        visible = torch.arange(span, device=ids.device)[None, :] <= pos[:, None]
+        mask = torch.zeros(rows, 1, 1, span, dtype=h.dtype, device=ids.device).masked_fill_(
+            ~visible[:, None, None, :], min_value
+        )
+        row_index = torch.arange(rows, device=ids.device)
+    else:
+        assert lengths is not None and last is not None
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        key_valid = torch.arange(t, device=ids.device)[None, :] < lengths[:, None]
+        visible = causal[None] & key_valid[:, None, :]
+        mask = torch.zeros(rows, 1, t, t, dtype=h.dtype, device=ids.device).masked_fill_(
+            ~visible[:, None], min_value
+        )
+    groups = w.heads // w.kv_heads
+    for i, layer in enumerate(w.layers):
+        x = _rms_norm(h, layer.input_norm, w.eps)
+        q = _project(w, layer, i, "q_proj", x, lora).view(rows, t, w.heads, w.head_dim).transpose(1, 2)
+        k = _project(w, layer, i, "k_proj", x, lora).view(rows, t, w.kv_heads, w.head_dim).transpose(1, 2)
+        v = _project(w, layer, i, "v_proj", x, lora).view(rows, t, w.kv_heads, w.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys, values = cache.keys[i], cache.values[i]
+        if decode:
+            keys[row_index, :, pos] = k[:, :, 0]
+            values[row_index, :, pos] = v[:, :, 0]
+            k_all, v_all = keys[:rows, :, :span], values[:rows, :, :span]
+            # GQA without repeat_kv's copy: the query heads of one KV head become query rows.
+            qg = q.reshape(rows, w.kv_heads, groups, w.head_dim)
+            scores = torch.matmul(qg, k_all.transpose(2, 3)) * w.scaling + mask
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            attn = torch.matmul(probs, v_all).reshape(rows, 1, w.heads * w.head_dim)
+        else:
+            keys[slots, :, :t] = k
+            values[slots, :, :t] = v
+            # Prefill mirrors HF's eager attention (repeat_kv), so prompts score exactly as there.
+            k_rep = k.repeat_interleave(groups, dim=1)
+            v_rep = v.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(q, k_rep.transpose(2, 3)) * w.scaling + mask
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            attn = torch.matmul(probs, v_rep).transpose(1, 2).reshape(rows, t, w.heads * w.head_dim)
+        h = h + _project(w, layer, i, "o_proj", attn, lora)
+        x = _rms_norm(h, layer.post_norm, w.eps)
+        gate = _project(w, layer, i, "gate_proj", x, lora)
+        up = _project(w, layer, i, "up_proj", x, lora)
+        h = h + _project(w, layer, i, "down_proj", F.silu(gate) * up, lora)
+    if not decode:
+        h = h[torch.arange(rows, device=ids.device), last][:, None]
+    h = _rms_norm(h, w.norm, w.eps)
+    return F.linear(h[:, -1], w.lm_head).float()

@@ -1,0 +1,154 @@
+"""LoRA adapters applied per row, so one batch can mix adapters (and rows without one).
+
+Each adapter is a set of (A, scaled B) pairs per (layer, projection). For a batch, the rows'
+adapters are gathered once into [rows, r, in] / [rows, out, r] stacks (again only when the
+batch's composition changes), and each projection adds `x @ A_row^T @ B_row^T` with two batched
+matmuls. A batch where every row uses the same adapter takes two plain matmuls instead; a batch
+with no adapter takes none. This replaces PEFT's `adapter_names` path, which splits every
+projection's input by adapter and runs each part separately.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter the engine cannot apply (unsupported PEFT feature, or not for this model)."""
+
+
+@dataclass
+class Adapter:
+    """One adapter: (layer, projection) -> (A [r, in], B * scaling [out, r])."""
+
+    name: str
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[0] for a, _ in self.weights.values()), default=0)
+
+
+def _check_config(config: dict, where: str) -> None:
+    if config.get("use_dora"):
+        raise AdapterError(f"{where}: DoRA adapters are not supported by the generation engine")
+    if config.get("modules_to_save"):
+        raise AdapterError(
+            f"{where}: adapters with modules_to_save are not supported by the generation engine"
+        )
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        return  # a regex or "all-linear": checked per key below
+    unknown = {t.rsplit(".", 1)[-1] for t in targets} - set(PROJECTIONS)
+    if unknown:
+        raise AdapterError(f"{where}: target_modules {sorted(unknown)} are not attention/MLP projections")
+
+
+def _scaling(config: dict, module: str, rank: int) -> float:
+    alpha = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", 8))
+    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+def load_adapter_files(name: str, path: str | Path, dtype: torch.dtype, device: torch.device) -> Adapter:
+    """Read a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise AdapterError(f"{path}: expected adapter_config.json and adapter_model.safetensors")
+    config = json.loads(config_file.read_text())
+    _check_config(config, str(config_file))
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(weights_file)).items():
+        match = _KEY.search(key)
+        if match is None:
+            raise AdapterError(f"{weights_file}: tensor {key!r} is not a LoRA weight of a projection")
+        layer, module, which = int(match[1]), match[2], match[3]
+        if module not in PROJECTIONS:
+            raise AdapterError(f"{weights_file}: tensor {key!r} targets {module!r}, not a projection")
+        pairs.setdefault((layer, module), {})[which] = tensor
+    adapter = Adapter(name)
+    for (layer, module), ab in pairs.items():
+        a, b = ab["A"], ab["B"]
+        scale = _scaling(config, module, a.shape[0])
+        adapter.weights[layer, module] = (
+            a.to(device=device, dtype=dtype),
+            (b.float() * scale).to(device=device, dtype=dtype),
+        )
+    return adapter
+
+
+def adapters_of(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Adapter]:
+    """Copy the LoRA weights of a live PEFT model (for rollouts of a policy being trained)."""
+    adapters: dict[str, Adapter] = {}
+    for qualified, module in model.named_modules():
+        if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
+            continue
+        match = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$", qualified)
+        if match is None or match[2] not in PROJECTIONS:
+            raise AdapterError(
+                f"LoRA on {qualified!r}: the engine applies LoRA to attention/MLP projections only"
+            )
+        if getattr(module, "use_dora", {}) and any(module.use_dora.values()):
+            raise AdapterError(f"{qualified}: DoRA adapters are not supported by the generation engine")
+        for name, lora_a in module.lora_A.items():
+            a = lora_a.weight.detach()
+            b = module.lora_B[name].weight.detach().float() * module.scaling[name]
+            entry = adapters.setdefault(name, Adapter(name))
+            entry.weights[int(match[1]), match[2]] = (a.to(dtype), b.to(dtype))
+    return adapters
+
+
+class RowLora:
+    """The LoRA deltas of one batch: built from each row's adapter (None = no adapter)."""
+
+    def __init__(self, adapters: list[Adapter | None]):
+        used = {id(a): a for a in adapters if a is not None}
+        self.none = not used
+        self.shared = next(iter(used.values())) if len(used) == 1 and None not in adapters else None
+        self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        if self.none or self.shared is not None:
+            return
+        rank = max(a.rank for a in used.values())
+        keys = {key for a in used.values() for key in a.weights}
+        for key in keys:
+            some = next(a.weights[key] for a in used.values() if key in a.weights)
+            (r_in, b_out) = some[0].shape[1], some[1].shape[0]
+            stack_a = some[0].new_zeros(len(adapters), rank, r_in)
+            stack_b = some[1].new_zeros(len(adapters), b_out, rank)
+            for row, adapter in enumerate(adapters):
+                if adapter is not None and key in adapter.weights:
+                    a, b = adapter.weights[key]
+                    stack_a[row, : a.shape[0]] = a  # zero-padded to the largest rank: exact
+                    stack_b[row, :, : b.shape[1]] = b
+            self._stacks[key] = (stack_a.transpose(1, 2), stack_b.transpose(1, 2))
+
+    def delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The LoRA term for projection `module` of `layer` on input x [rows, t, in], or None."""
+        if self.none:
+            return None
+        if self.shared is not None:
+            ab = self.shared.weights.get((layer, module))
+            return (
+                None
+                if ab is None
+                else torch.nn.functional.linear(torch.nn.functional.linear(x, ab[0]), ab[1])
+            )
+        stacks = self._stacks.get((layer, module))
+        if stacks is None:
+            return None
+        return torch.bmm(torch.bmm(x, stacks[0]), stacks[1])
+
+
+def merge_into(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W + B A in fp32, rounded once to W's dtype (a merged copy for single-adapter rollouts)."""
+    return (weight.float() + b.float() @ a.float()).to(weight.dtype)
