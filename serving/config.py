@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Discriminator, Field, SecretStr, Tag, model_validator
 
 from alignment.config import StrictModel
 from alignment.devices import DTypeName
@@ -27,23 +29,106 @@ class LimitSettings(StrictModel):
     max_n: int = Field(8, ge=1)
     max_stop: int = Field(4, ge=0, description="Most stop sequences per request (OpenAI allows 4).")
     max_comment_chars: int = Field(4000, ge=1)
-    requests_per_minute: int = Field(600, ge=0, description="Per API key; 0 = unlimited.")
+    requests_per_minute: int = Field(
+        600, ge=0, description="Chat and model-list requests per API key and minute; 0 = unlimited."
+    )
+    feedback_per_minute: int = Field(
+        600, ge=0, description="/v1/feedback posts per API key and minute (its own budget); 0 = unlimited."
+    )
+
+
+KEY_HASH_PREFIX = "sha256:"  # a key given as "sha256:<64 hex>" is the hash of the real key
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def key_digest(value: str) -> str:
+    """The hex sha256 a key is known by: given as "sha256:<hex>", or hashed from the key itself."""
+    if value.startswith(KEY_HASH_PREFIX):
+        return value.removeprefix(KEY_HASH_PREFIX).lower()
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _check_hash_form(secret: SecretStr) -> SecretStr:
+    # Only a "sha256:" value (a hash, not a secret) can fail here, so the error may quote it.
+    value = secret.get_secret_value()
+    if value.startswith(KEY_HASH_PREFIX) and not _SHA256_HEX.fullmatch(value.removeprefix(KEY_HASH_PREFIX)):
+        raise ValueError('"sha256:" must be followed by 64 hex digits')
+    return secret
+
+
+KeyValue = Annotated[SecretStr, AfterValidator(_check_hash_form)]
+
+
+class APIKey(StrictModel):
+    """One client key with its own name and limits (a backend posting a product's feedback needs more)."""
+
+    key: KeyValue | None = Field(None, description='The bearer key itself, or "sha256:<hex>".')
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="hex sha256 of the key: `printf %s KEY | sha256sum`."
+    )
+    name: str | None = Field(
+        None, min_length=1, description="Names the key in limits and logs (default: key-<hash prefix>)."
+    )
+    requests_per_minute: int | None = Field(
+        None, ge=0, description="This key's chat/models limit (default: limits.requests_per_minute)."
+    )
+    feedback_per_minute: int | None = Field(
+        None, ge=0, description="This key's /v1/feedback limit (default: limits.feedback_per_minute)."
+    )
+
+    @model_validator(mode="after")
+    def _key_or_hash(self) -> APIKey:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of key or sha256")
+        if self.key is not None and not self.key.get_secret_value().strip():
+            raise ValueError("key: empty")
+        return self
+
+    def digest(self) -> str:
+        return self.sha256.lower() if self.sha256 else key_digest(self.key.get_secret_value())  # type: ignore[union-attr]
+
+
+ClientKeyEntry = Annotated[
+    Annotated[KeyValue, Tag("key")] | Annotated[APIKey, Tag("entry")],
+    Discriminator(lambda v: "entry" if isinstance(v, dict | APIKey) else "key"),
+]
 
 
 class AuthSettings(StrictModel):
-    api_keys: list[str] = Field(
+    api_keys: list[ClientKeyEntry] = Field(
         default_factory=list,
-        description="Client bearer keys; also read from $PREFLOOP_API_KEYS (comma-separated).",
+        description='Client keys: a key, "sha256:<hex>", or {key|sha256, name, requests_per_minute, '
+        "feedback_per_minute}; also $PREFLOOP_API_KEYS (comma-separated keys or sha256: hashes).",
     )
-    admin_key: str | None = Field(None, description="Admin bearer key; also read from $PREFLOOP_ADMIN_KEY.")
+    admin_key: KeyValue | None = Field(
+        None, description='Admin bearer key or "sha256:<hex>"; also read from $PREFLOOP_ADMIN_KEY.'
+    )
     allow_anonymous: bool = Field(False, description="Serve clients without a key (local development only).")
 
-    def client_keys(self) -> set[str]:
-        env = os.environ.get("PREFLOOP_API_KEYS", "")
-        return {k for k in [*self.api_keys, *env.split(",")] if k.strip()}
+    def client_keys(self) -> list[APIKey]:
+        env = [k.strip() for k in os.environ.get("PREFLOOP_API_KEYS", "").split(",") if k.strip()]
+        keys = []
+        for item in [*self.api_keys, *(SecretStr(k) for k in env)]:
+            if isinstance(item, APIKey):
+                keys.append(item)
+            elif item.get_secret_value().strip():
+                keys.append(APIKey(sha256=key_digest(item.get_secret_value())))
+        return keys
+
+    def _admin_value(self) -> str | None:
+        value = os.environ.get("PREFLOOP_ADMIN_KEY") or (
+            self.admin_key.get_secret_value() if self.admin_key else None
+        )
+        return value or None
+
+    def admin_digest(self) -> str | None:
+        value = self._admin_value()
+        return key_digest(value) if value else None
 
     def admin(self) -> str | None:
-        return os.environ.get("PREFLOOP_ADMIN_KEY") or self.admin_key
+        """The admin key to call a server with (None when only its hash is configured)."""
+        value = self._admin_value()
+        return None if value is None or value.startswith(KEY_HASH_PREFIX) else value
 
 
 class ServeConfig(StrictModel):
@@ -66,6 +151,9 @@ class ServeConfig(StrictModel):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    api_docs: bool = Field(
+        False, description="Serve /docs and /redoc (with a key, like /openapi.json); off by default."
+    )
 
 
 class TriggerSettings(StrictModel):

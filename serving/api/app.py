@@ -1,13 +1,14 @@
-"""The app factory: services, error handlers, routers. What `prefloop serve` runs."""
+"""The app factory: services, middleware, error handlers, routers. What `prefloop serve` runs."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
 from serving import feedback_store as fs
-from serving.api.dependencies import RateLimiter, Services
+from serving.api.auth import KeyRing
+from serving.api.dependencies import Services
 from serving.api.errors import install_error_handlers
-from serving.api.middleware import BodySizeLimit
+from serving.api.middleware import Authenticate, BodySizeLimit
 from serving.api.routers import admin, chat, feedback
 from serving.api.schemas import Health
 from serving.config import ServeConfig
@@ -18,18 +19,25 @@ from serving.registry import ModelRegistry
 def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.FeedbackStore) -> FastAPI:
     """The API over an engine and a store the caller owns (and closes)."""
     app = FastAPI(
-        title="prefloop", version="0.1.0", description="OpenAI-compatible serving with a feedback loop."
+        title="prefloop",
+        version="0.1.0",
+        description="OpenAI-compatible serving with a feedback loop.",
+        # The schema is always there for clients and fuzzers, behind a key like every route;
+        # the browser UIs only when enabled (a browser sends no bearer key by itself).
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
     )
-    services = Services(
-        settings, engine, store, ModelRegistry(store), RateLimiter(settings.limits.requests_per_minute)
-    )
+    keys = KeyRing(settings.auth)
+    services = Services(settings, engine, store, ModelRegistry(store), keys)
     app.state.services = services  # read only by serving.api.dependencies.services
     for name, path in settings.adapters.items():
         engine.load_adapter(name, path)
     services.sync_current()
 
     install_error_handlers(app)
+    # Added last = runs first: authenticate from the headers, then count body bytes.
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_request_bytes)
+    app.add_middleware(Authenticate, keys=keys)
 
     @app.get("/health", response_model=Health)
     def health() -> Health:

@@ -1,15 +1,17 @@
-"""What routes get through `Depends`: the caller's key, a store session, the engine, the limits.
+"""What routes get through `Depends`: the caller, rate limits, a store session, engine and store.
 
 One source: the app factory builds one `Services` and stores it on the app; `services()` is the
-only reader, and every other dependency (and so every route) reaches state through it.
+only reader, and every other dependency (and so every route) reaches state through it. Who the
+caller is was settled by `middleware.Authenticate` before the body was read; here routers decide
+what that caller may do (`require_client`, `require_feedback_client`, `require_admin`).
 """
 
 from __future__ import annotations
 
-import secrets
+import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from threading import Lock
 from typing import Annotated
 
@@ -18,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from serving import feedback_store as fs
+from serving.api.auth import Caller, KeyRing
 from serving.api.errors import APIError
 from serving.config import LimitSettings, ServeConfig
 from serving.generation import CURRENT_ALIAS, GenerationEngine
@@ -25,23 +28,23 @@ from serving.registry import ModelRegistry
 
 
 class RateLimiter:
-    """A token bucket per API key: `per_minute` requests, refilled continuously, bursts up to it."""
+    """Token buckets per (budget, caller): `per_minute` requests, refilled continuously, bursts up to it."""
 
-    def __init__(self, per_minute: int):
-        self.rate, self.capacity = per_minute / 60.0, float(per_minute)
-        self.buckets: dict[str, tuple[float, float]] = {}
+    def __init__(self) -> None:
+        self.buckets: dict[tuple[str, str], tuple[float, float]] = {}
         self.lock = Lock()
 
-    def allow(self, key: str) -> bool:
-        if self.rate == 0:
-            return True
-        now = time.monotonic()
+    def acquire(self, budget: str, caller: str, per_minute: int) -> float:
+        """0.0 when the request may go ahead, else the seconds until it may."""
+        if per_minute == 0:
+            return 0.0
+        rate, now = per_minute / 60.0, time.monotonic()
         with self.lock:
-            tokens, last = self.buckets.get(key, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - last) * self.rate)
+            tokens, last = self.buckets.get((budget, caller), (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - last) * rate)
             allowed = tokens >= 1
-            self.buckets[key] = (tokens - 1 if allowed else tokens, now)
-            return allowed
+            self.buckets[(budget, caller)] = (tokens - 1 if allowed else tokens, now)
+        return 0.0 if allowed else (1 - tokens) / rate
 
 
 @dataclass
@@ -52,7 +55,8 @@ class Services:
     engine: GenerationEngine
     store: fs.FeedbackStore
     registry: ModelRegistry
-    limiter: RateLimiter
+    keys: KeyRing
+    limiter: RateLimiter = field(default_factory=RateLimiter)
 
     def sync_current(self) -> dict[str, str | None]:
         """Point `prefloop-current` at the registry's current version (loading it, unloading the old)."""
@@ -91,44 +95,60 @@ def store_session(store: Annotated[fs.FeedbackStore, Depends(store)]) -> Iterato
         yield session
 
 
+# Declares the scheme in the OpenAPI document; the key itself was checked by the middleware.
 bearer = HTTPBearer(auto_error=False)
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def client_key(svc: ServicesDep, credentials: Credentials) -> str:
-    """The caller's API key (the admin key works too); 401 without a valid one, 429 over the rate limit."""
-    auth = svc.settings.auth
-    key = credentials.credentials if credentials else None
-    allowed = auth.client_keys() | ({auth.admin()} - {None})
-    if key is None and auth.allow_anonymous:
-        key = "anonymous"
-    elif key is None or not any(secrets.compare_digest(key, k) for k in allowed):  # constant-time
-        message = "missing API key (Authorization: Bearer ...)" if key is None else "invalid API key"
-        raise APIError(401, message, "authentication_error", code="invalid_api_key")
-    if not svc.limiter.allow(key):
+def caller(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    found = request.scope.get("state", {}).get("caller")
+    if not isinstance(found, Caller):  # only if the app runs without its Authenticate middleware
+        raise APIError(401, "missing API key", "authentication_error", code="invalid_api_key")
+    return found
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def _limit(svc: Services, who: Caller, budget: str, per_minute: int) -> Caller:
+    wait = svc.limiter.acquire(budget, who.name, per_minute)
+    if wait:
         raise APIError(
             429,
-            "rate limit exceeded for this API key",
+            f"rate limit exceeded for this API key ({per_minute} {budget} per minute)",
             "rate_limit_error",
             code="rate_limit_exceeded",
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
-    return key
+    return who
 
 
-def require_admin(svc: ServicesDep, credentials: Credentials) -> str:
+def require_client(svc: ServicesDep, who: CallerDep) -> Caller:
+    """Any valid key (the admin key too), within its requests-per-minute budget."""
+    per_minute = who.requests_per_minute
+    return _limit(
+        svc, who, "requests", svc.settings.limits.requests_per_minute if per_minute is None else per_minute
+    )
+
+
+def require_feedback_client(svc: ServicesDep, who: CallerDep) -> Caller:
+    """Any valid key, within its own feedback budget (a backend may post a whole product's)."""
+    per_minute = who.feedback_per_minute
+    return _limit(
+        svc, who, "feedback", svc.settings.limits.feedback_per_minute if per_minute is None else per_minute
+    )
+
+
+def require_admin(svc: ServicesDep, who: CallerDep) -> Caller:
     """The admin key, or 401 (403 when the server has none configured)."""
-    expected = svc.settings.auth.admin()
-    if expected is None:
+    if not svc.keys.has_admin:
         raise APIError(403, "admin endpoints are disabled: no admin key configured", "permission_error")
-    if credentials is None or not secrets.compare_digest(credentials.credentials, expected):
+    if not who.admin:
         raise APIError(
             401, "admin endpoints need the admin key", "authentication_error", code="invalid_api_key"
         )
-    return credentials.credentials
+    return who
 
 
-ClientKey = Annotated[str, Depends(client_key)]
 Engine = Annotated[GenerationEngine, Depends(engine)]
 Store = Annotated[fs.FeedbackStore, Depends(store)]
 Limits = Annotated[LimitSettings, Depends(limits)]

@@ -1,5 +1,7 @@
-"""Pure ASGI middleware that acts before a route reads the body.
+"""Pure ASGI middleware: what happens before a route reads a single byte of the body.
 
+`Authenticate` (outermost) answers 401 from the headers alone, so an unauthenticated caller
+gets no work done and no body read; it leaves the `Caller` in the scope for the dependencies.
 `BodySizeLimit` counts the bytes as they arrive (Content-Length or chunked alike) and stops
 the request with 413 as soon as the limit is passed, so an oversized body is never read in full.
 """
@@ -11,7 +13,10 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.api.auth import ANONYMOUS, KeyRing, bearer_token
 from serving.api.errors import error_body
+
+PUBLIC_PATHS = frozenset({"/health"})  # everything else, the API docs included, needs a key
 
 
 class BodyTooLarge(HTTPException):
@@ -28,6 +33,27 @@ async def send_error(send: Send, status: int, body: dict, headers: dict[str, str
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": payload})
+
+
+class Authenticate:
+    def __init__(self, app: ASGIApp, keys: KeyRing):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(_header(scope, b"authorization"))
+        caller = self.keys.identify(token) if token is not None else None
+        if token is None and self.keys.allow_anonymous:
+            caller = ANONYMOUS
+        if caller is None:
+            message = "missing API key (Authorization: Bearer ...)" if token is None else "invalid API key"
+            body = error_body(message, "authentication_error", code="invalid_api_key")
+            await send_error(send, 401, body, {"WWW-Authenticate": "Bearer"})
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:
@@ -68,8 +94,13 @@ class BodySizeLimit:
             await send_error(send, 413, error_body(exc.detail, "invalid_request_error"))
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None

@@ -176,7 +176,7 @@ def test_rate_limit_is_429_per_key(tiny_model, tmp_path, server) -> None:
 
 
 def test_openapi_schema_documents_the_typed_routes(server) -> None:
-    schema = httpx.get(f"{server.url}/openapi.json").json()
+    schema = httpx.get(f"{server.url}/openapi.json", headers=server.client_headers).json()
     assert {"/v1/chat/completions", "/v1/models", "/v1/feedback", "/admin/reload"} <= set(schema["paths"])
     feedback = schema["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert feedback["discriminator"]["propertyName"] == "type"

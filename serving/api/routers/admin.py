@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from serving import feedback_store as fs
+from serving.api.body import StrictJSONRoute
 from serving.api.dependencies import Engine, ServicesDep, StoreSession, require_admin
 from serving.api.errors import APIError
 from serving.api.schemas import AdapterLoad, AdapterLoaded, AdminStatus, CurrentSwap
 from serving.generation import CURRENT_ALIAS
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], route_class=StrictJSONRoute)
 
 
 @router.get("/status", response_model=AdminStatus)

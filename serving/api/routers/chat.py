@@ -12,7 +12,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from serving import feedback_store as fs
-from serving.api.dependencies import Engine, Limits, Store, client_key
+from serving.api.body import StrictJSONRoute
+from serving.api.dependencies import Engine, Limits, Store, require_client
 from serving.api.errors import APIError
 from serving.api.schemas import (
     AssistantMessage,
@@ -29,7 +30,7 @@ from serving.api.schemas import (
 from serving.config import LimitSettings
 from serving.generation import Delta, Generation, GenerationEngine, Job, SamplingParams, UnknownModelError
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(client_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_client)], route_class=StrictJSONRoute)
 
 
 @router.get("/models", response_model=ModelList)
@@ -73,6 +74,10 @@ def _log_rows(store: fs.FeedbackStore, rows: list[fs.Completion]) -> None:
 @router.post("/chat/completions", response_model=ChatCompletion)
 async def chat_completions(body: ChatCompletionRequest, engine: Engine, store: Store, limits: Limits) -> Any:
     started = time.perf_counter()
+    try:  # before any work, and before a stream's 200 goes out
+        engine.resolve(body.model)
+    except UnknownModelError:
+        raise unknown_model(engine, body.model) from None
     params = sampling(body, limits)
     if len(body.messages) > limits.max_messages:
         raise APIError(

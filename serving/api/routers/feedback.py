@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Response
 
 from serving import feedback_store as fs
-from serving.api.dependencies import Limits, Store, StoreSession, client_key
+from serving.api.body import StrictJSONRoute
+from serving.api.dependencies import Limits, Store, StoreSession, require_feedback_client
 from serving.api.errors import APIError
 from serving.api.schemas import FeedbackReceipt, FeedbackRequest, RatingFeedback, ThumbsFeedback
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(client_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_feedback_client)], route_class=StrictJSONRoute)
 
 
 def feedback_input(body: FeedbackRequest, idempotency_key: str | None) -> fs.FeedbackInput:
