@@ -6,6 +6,9 @@ and hands `TorchTrainer` a train function that builds the HF Trainer, wraps it w
 itself (a distributed sampler per rank). Checkpoints are reported to Ray storage, so a dead worker
 restarts the group from the latest one (`FailureConfig(max_failures)`), and the final adapter comes
 back as a last checkpoint that the driver unpacks into output_dir, exactly where a local run writes it.
+
+`fit_on_ray(config, train_fn, extra)` is the stage-independent part: a stage that is not an HF
+Trainer brings its own `train_fn` (PPO's is `alignment.rl.ray_worker.ppo_worker`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,7 +24,6 @@ from typing import Any, TypeVar
 
 import ray
 import ray.train
-import torch
 import torch.distributed as dist
 from ray.train import (
     Checkpoint,
@@ -36,9 +37,10 @@ from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_t
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import Trainer, set_seed
 
+from alignment.checkpoints import latest_checkpoint
 from alignment.config import ConfigError, DistributedSettings
 from alignment.runner import RunConfig as PrefloopRunConfig
-from alignment.runner import final_evaluation, latest_checkpoint, save_final, use_rich_progress
+from alignment.runner import final_evaluation, save_final, use_rich_progress
 
 C = TypeVar("C", bound=PrefloopRunConfig)
 
@@ -46,6 +48,10 @@ FINAL = "final"  # the adapter + tokenizer inside the last Ray checkpoint
 HF_CHECKPOINT = RayTrainReportCallback.CHECKPOINT_NAME  # an HF Trainer checkpoint inside a Ray one
 # Workers see the same model cache, offline switches and tracking setup as the driver.
 PROPAGATED_ENV_PREFIXES = ("PREFLOOP_", "HF_", "TRANSFORMERS_", "WANDB_", "TOKENIZERS_")
+# Credentials never travel in a worker's environment (PREFLOOP_ADMIN_KEY, PREFLOOP_API_KEYS,
+# HF_TOKEN, WANDB_API_KEY...): a worker needs none of the serving keys, and hub/tracking logins
+# are read from their own files. Matched on whole name parts, so TOKENIZERS_* still goes.
+SECRET_ENV_PARTS = frozenset({"KEY", "KEYS", "TOKEN", "TOKENS", "PASSWORD", "SECRET", "SECRETS"})
 
 
 class ResourceError(ConfigError):
@@ -98,7 +104,11 @@ def check_resources(num_workers: int, per_worker: dict[str, float]) -> None:
 
 
 def worker_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(PROPAGATED_ENV_PREFIXES) and not SECRET_ENV_PARTS & set(k.upper().split("_"))
+    }
     # Ray Train's print patch re-logs output that libraries capture on purpose (datasets' dill
     # disassembles every map function into a captured stdout), flooding the driver's console.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -149,6 +159,12 @@ class ReportCheckpointCallback(RayTrainReportCallback):
         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
 
+def enter_driver_cwd(loop_config: dict[str, Any]) -> None:
+    """Ray moves workers into its run dir; relative paths in the config mean the driver's cwd."""
+    with contextlib.suppress(OSError):
+        os.chdir(loop_config["cwd"])
+
+
 def _step_of(checkpoint_dir: str) -> int:
     return json.loads((Path(checkpoint_dir) / "trainer_state.json").read_text())["global_step"]
 
@@ -157,9 +173,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """What each Ray worker runs: build the stage's Trainer, resume if there is a checkpoint, train."""
     config: PrefloopRunConfig = loop_config["config"]
     build_trainer: Callable[[Any], Trainer] = loop_config["build_trainer"]
-    # Ray moves workers into its run dir; relative paths in the config mean the driver's cwd.
-    with contextlib.suppress(OSError):
-        os.chdir(loop_config["cwd"])
+    enter_driver_cwd(loop_config)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # Fresh heads (a reward model's score layer, LoRA A) are drawn before the HF Trainer seeds anything:
@@ -181,7 +195,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if restored_dir and (Path(restored_dir) / HF_CHECKPOINT).is_dir():
             resume = str(Path(restored_dir) / HF_CHECKPOINT)  # a worker died or the run was stopped
         elif config.resume:
-            resume = latest_checkpoint(config.output_dir)  # e.g. a run started locally
+            found = latest_checkpoint(config.output_dir)  # e.g. a run started locally
+            resume = str(found) if found else None
         result = trainer.train(resume_from_checkpoint=resume)
 
     metrics: dict[str, Any] = dict(result.metrics)
@@ -238,123 +253,3 @@ def fit_on_ray(
     with result.checkpoint.as_directory() as checkpoint_dir:
         shutil.copytree(Path(checkpoint_dir) / FINAL, config.output_dir, dirs_exist_ok=True)
     return dict(result.metrics)
-
-
-# --- PPO: data-parallel --------------------------------------------------------------------------------
-#
-# PPO is prefloop's own loop (alignment/ppo.py), not an HF Trainer. Each worker holds the whole PPO
-# stack (policy LoRA, reference = the same weights with the adapter off, critic, reward function) and
-# takes 1/N of every rollout batch: it generates, scores and computes advantages for its slice, and the
-# gradients of every trainable weight are averaged across workers inside backward (per-parameter hooks),
-# so every worker applies the same clipped update and the replicas never drift apart.
-#
-# Why not OpenRLHF's split (rollout / reward / reference / critic as separate Ray actors)? With LoRA,
-# policy, reference and a shared-trunk critic are one set of base weights; splitting them into actors
-# means a full copy of the base per actor and shipping the adapter to the rollout actor after every
-# update. That pays off when generation wants its own GPUs (vLLM) and the models are large; on the
-# CPU machines and small models prefloop targets first, data parallelism is the faster and simpler
-# choice. The phase functions in alignment/ppo.py are already separate, so the split can be added.
-
-
-def average_gradients_in_backward(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """All-reduce each gradient as soon as backward has produced it, so clipping sees the global gradient."""
-
-    def hook(param: torch.nn.Parameter) -> None:
-        dist.all_reduce(param.grad)
-        param.grad /= world_size
-
-    for param in params:
-        param.register_post_accumulate_grad_hook(hook)
-
-
-def _mean_across_workers(values: dict[str, float]) -> dict[str, float]:
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(keys, tensor.tolist(), strict=True))
-
-
-def ppo_worker(loop_config: dict[str, Any]) -> None:
-    from alignment.ppo import build_ppo_trainer, total_steps
-
-    config = loop_config["config"]
-    reward_fn = loop_config["reward_fn"]
-    with contextlib.suppress(OSError):
-        os.chdir(loop_config["cwd"])
-    rank, world = dist.get_rank(), dist.get_world_size()
-    # Each worker runs the one-process PPO on its share of every batch.
-    ppo = config.ppo.model_copy(
-        update={
-            "rollout_batch_size": config.ppo.rollout_batch_size // world,
-            "mini_batch_size": config.ppo.mini_batch_size // world,
-        }
-    )
-    # ...and a 1/N share of the epochs, so its LR schedule spans the same number of steps as the run.
-    training = config.training.model_copy(update={"epochs": config.training.epochs / world})
-    local = config.model_copy(
-        update={"ppo": ppo, "training": training, "distributed": DistributedSettings(), "resume": False}
-    )
-    trainer, prompts, prompt_ids = build_ppo_trainer(local, reward_fn)
-    params = [p for m in (trainer.policy, trainer.critic) for p in m.parameters() if p.requires_grad]
-    for param in params:  # identical starting weights, whatever each worker's RNG did
-        dist.broadcast(param.data, src=0)
-    average_gradients_in_backward(params, world)
-    torch.manual_seed(config.training.seed + rank)  # ...but different samples on each worker
-
-    steps = total_steps(config, len(prompts))
-    rng = random.Random(config.training.seed)  # the same prompt order on every worker
-    order: list[int] = []
-    global_batch = config.ppo.rollout_batch_size
-    for _ in range(steps):
-        while len(order) < global_batch:
-            epoch = list(range(len(prompts)))
-            rng.shuffle(epoch)
-            order += epoch
-        batch, order = order[:global_batch][rank::world], order[global_batch:]
-        stats = trainer.step([prompts[i] for i in batch], [prompt_ids[i] for i in batch])
-        # Logged statistics are global means, and every worker keeps the same adaptive KL coefficient.
-        stats = _mean_across_workers(stats)
-        trainer.kl_ctl.value = stats["objective/kl_coef"]
-        trainer.history[-1] = stats
-        ray.train.report(metrics=stats)
-    # Replicas that drifted apart would mean the gradient averaging is broken: measure, never assume.
-    checksum = torch.tensor([sum(p.detach().double().sum().item() for p in params)], dtype=torch.float64)
-    low, high = checksum.clone(), checksum.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            trainer.save(Path(tmp) / FINAL)
-            (Path(tmp) / FINAL / "ppo_log.jsonl").write_text(
-                "".join(json.dumps({"step": i, **h}) + "\n" for i, h in enumerate(trainer.history, 1))
-            )
-        ray.train.report(
-            metrics={
-                "steps": len(trainer.history),
-                "ray_workers": world,
-                "replica_spread": (high - low).item(),
-            },
-            checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None,
-        )
-
-
-def run_ppo_on_ray(
-    config: Any, reward_fn: Callable[[list, list[str]], list[float]]
-) -> tuple[list[dict[str, float]], dict[str, Any]]:
-    """Data-parallel PPO on `config.distributed.num_workers` workers: (per-step statistics, run metrics).
-
-    `rollout_batch_size` and `mini_batch_size` stay global: each worker takes 1/N of both. Output_dir
-    gets what a local run saves (policy adapter, tokenizer, value head) and `ppo_log.jsonl`; the
-    reward function is pickled to every worker.
-    """
-    world = config.distributed.num_workers
-    for field in ("rollout_batch_size", "mini_batch_size"):
-        if getattr(config.ppo, field) % world:
-            raise ConfigError(
-                f"ppo.{field}={getattr(config.ppo, field)} must be a multiple of "
-                f"distributed.num_workers={world} (each worker takes an equal share)"
-            )
-    metrics = fit_on_ray(config, ppo_worker, {"reward_fn": reward_fn})
-    log_path = config.output_dir / "ppo_log.jsonl"
-    return [json.loads(line) for line in log_path.read_text().splitlines()], metrics

@@ -1,17 +1,15 @@
 """What every training stage shares: the run config shape, TrainingArguments, LoRA, tracking, outputs.
 
 A stage (SFT, DPO, KTO, reward, ...) defines a `RunConfig` subclass and a `build_trainer(config)`
-that returns a ready HF `Trainer`; `run_training` then trains it and writes the run's outputs
-(adapter, tokenizer, model card, resolved config, metrics) the same way for every stage.
-Who calls `build_trainer` - this process or Ray workers - is decided by `config.distributed`.
+that returns a ready HF `Trainer`; `alignment.launch.run_training` then trains it, here or on Ray
+workers (`alignment.distributed`), and writes the run's outputs with the helpers below (adapter,
+tokenizer, model card, resolved config, metrics) the same way for every stage. Both of those import
+this module and it imports neither, so there is no cycle between the launcher and the Ray glue.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,9 +22,9 @@ from alignment.config import (
     LoraSettings,
     StrictModel,
     TrackingSettings,
-    dump_config,
 )
 from alignment.devices import AttentionName, DevicePlan, DTypeName, plan_device
+from alignment.fingerprints import expand_dirs, sha256_files
 from alignment.lora_precision import MixedPrecision
 from alignment.models import DEFAULT_MODEL, adapter_base_model
 from alignment.progress import RichProgress
@@ -72,6 +70,9 @@ class RunConfig(StrictModel):
     """Fields every stage's config has."""
 
     model: str = Field(DEFAULT_MODEL, description="Embedded model name, local path or Hugging Face id.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub model (off: only transformers' own code)."
+    )
     output_dir: Path = Path("runs/default")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -95,9 +96,6 @@ class PolicyRunConfig(RunConfig):
         if self.init_adapter is not None and "model" not in self.model_fields_set:
             return adapter_base_model(self.init_adapter)
         return self.model
-
-
-C = TypeVar("C", bound=RunConfig)
 
 
 def device_plan(config: RunConfig) -> DevicePlan:
@@ -185,12 +183,7 @@ def use_rich_progress(trainer: Trainer) -> Trainer:
 
 def data_fingerprint(paths: list[Path]) -> str:
     """sha256 over the input files (or every file of a dataset directory), for the model card."""
-    digest = hashlib.sha256()
-    for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            digest.update(f.read_bytes())
-    return digest.hexdigest()
+    return sha256_files(expand_dirs(paths))
 
 
 def write_model_card(
@@ -224,38 +217,6 @@ tags: [prefloop, {stage}, lora]
 The full resolved config is in `prefloop-config.yaml`; re-run with `prefloop train {stage} --config prefloop-config.yaml`.
 """
     (output_dir / "README.md").write_text(card)
-
-
-def latest_checkpoint(output_dir: Path) -> str | None:
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
-
-
-def run_training(
-    config: C,
-    stage: str,
-    build_trainer: Callable[[C], Trainer],
-    data_paths: list[Path],
-    extra_metrics: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train locally (or via Ray when configured) and write the run's outputs; returns the metrics."""
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, config.output_dir / "prefloop-config.yaml")
-    if config.distributed.backend == "ray":
-        from alignment.distributed import run_on_ray
-
-        metrics = run_on_ray(config, build_trainer)
-    else:
-        trainer = use_rich_progress(build_trainer(config))
-        resume = latest_checkpoint(config.output_dir) if config.resume else None
-        result = trainer.train(resume_from_checkpoint=resume)
-        metrics = dict(result.metrics)
-        metrics.update(final_evaluation(trainer))
-        save_final(trainer, config.output_dir)
-    metrics.update(extra_metrics or {})
-    (config.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    write_model_card(config.output_dir, stage, config, data_fingerprint(data_paths), metrics)
-    return metrics
 
 
 def final_evaluation(trainer: Trainer) -> dict[str, float]:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from alignment.config import ConfigError, load_config
-from alignment.grpo import GRPORunConfig, build_grpo_trainer, train_grpo, trl_reward_function
+from alignment.rl.config import GRPORunConfig
+from alignment.rl.grpo import build_grpo_trainer, train_grpo, trl_reward_function
 
 
 def test_reward_function_adapts_conversational_completions() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -12,21 +13,21 @@ from safetensors.torch import load_file
 
 from alignment.config import ConfigError, load_config
 from alignment.data_files import DataError
-from alignment.ppo import (
+from alignment.prompts import PromptSampler, load_prompts
+from alignment.rl.config import PPORunConfig
+from alignment.rl.losses import (
     AdaptiveKLController,
     FixedKLController,
-    PPORunConfig,
     RunningMoments,
-    build_ppo_trainer,
     compute_gae,
-    load_ppo_models,
-    load_prompts,
     masked_whiten,
     per_token_rewards,
     policy_loss,
-    train_ppo,
     value_loss,
 )
+from alignment.rl.models import load_ppo_models
+from alignment.rl.ppo import train_ppo
+from alignment.rl.ppo_trainer import build_ppo_trainer
 
 # --- losses against hand-computed values ----------------------------------------------------------
 
@@ -149,6 +150,24 @@ def test_bad_prompt_rows_name_file_and_line(tmp_path: Path) -> None:
         load_prompts(path)
 
 
+def test_prompt_sampler_draws_shuffled_passes_and_resumes_the_same_order() -> None:
+    sampler = PromptSampler(n_prompts=5, batch_size=4, seed=3)
+    batches = [sampler.next_batch() for _ in range(5)]  # 20 draws = 4 full passes over 5 prompts
+    drawn = [i for batch in batches for i in batch]
+    for k in range(4):
+        assert sorted(drawn[5 * k : 5 * k + 5]) == [0, 1, 2, 3, 4]
+    assert len({tuple(drawn[5 * k : 5 * k + 5]) for k in range(4)}) > 1  # each pass reshuffled
+
+    again = PromptSampler(5, 4, seed=3)
+    first = [again.next_batch() for _ in range(2)]
+    resumed = PromptSampler(5, 4, seed=99)
+    resumed.load_state(again.state())
+    assert first + [resumed.next_batch() for _ in range(3)] == batches
+    # Data-parallel workers share one global batch and take disjoint shares of it.
+    shares = [batches[0][rank::2] for rank in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(batches[0])
+
+
 def test_ptx_without_data_is_a_config_error(tiny_model: Path, tmp_path: Path) -> None:
     config = load_config(PPORunConfig, None, [f"model={tiny_model}", "ppo.ptx_coef=0.5"])
     with pytest.raises(ConfigError, match=r"data\.ptx"):
@@ -156,6 +175,14 @@ def test_ptx_without_data_is_a_config_error(tiny_model: Path, tmp_path: Path) ->
 
 
 # --- training on a tiny model ----------------------------------------------------------------------
+
+
+class PickledCall:
+    """Unpickling this calls a function: what `weights_only=True` exists to refuse."""
+
+    def __reduce__(self) -> tuple:
+        return (print, ("unpickled a callable",))
+
 
 N_TOKENS = 6  # reward: responses shorter than this (so they ended with EOS)
 TOPICS = ["cats", "rain", "tea", "maps", "ships", "bread", "music", "stars"]
@@ -251,7 +278,8 @@ def test_saved_policy_and_separate_critic_reload(eos_model: Path, prompt_file: P
     """Separate critic: its LoRA and value head go to critic/, and policy and critic reload exactly."""
     from alignment.devices import plan_device
     from alignment.models import load_tokenizer
-    from alignment.ppo import critic_values, forward_policy, pad
+    from alignment.rl.data import pad
+    from alignment.rl.models import critic_values, forward_policy
 
     out = tmp_path / "ppo-separate"
     overrides = ppo_overrides(eos_model, prompt_file, out, "ppo.critic=separate", "ppo.ppo_epochs=1")
@@ -263,6 +291,19 @@ def test_saved_policy_and_separate_critic_reload(eos_model: Path, prompt_file: P
     trainer.save(out)
     assert (out / "critic" / "value_head.safetensors").is_file()
     assert (out / "critic" / "adapter_model.safetensors").is_file()
+
+    # A checkpoint whose trainer state carries a pickled object is refused, before any weight moves.
+    tampered = tmp_path / "checkpoint-1"
+    trainer.save_checkpoint(tampered, 1, {"rng": None, "order": []})
+    torch.save({"step": 1, "payload": PickledCall()}, tampered / "trainer_state.pt")
+    head_before = trainer.critic.head.summary.weight.detach().clone()
+    with torch.no_grad():
+        trainer.critic.head.summary.weight.add_(1.0)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        trainer.load_checkpoint(tampered)
+    torch.testing.assert_close(trainer.critic.head.summary.weight, head_before + 1.0)
+    with torch.no_grad():
+        trainer.critic.head.summary.weight.sub_(1.0)
 
     ids = pad(prompt_ids[:4], trainer.tokenizer.pad_token_id, "left")
     mask = pad([[1] * len(p) for p in prompt_ids[:4]], 0, "left")

@@ -69,6 +69,27 @@ def assert_adapters_agree(run_a: Path, run_b: Path) -> None:
     torch.testing.assert_close(logits_b, logits_a, atol=1e-3, rtol=1e-3)
 
 
+def assert_loads_trained_adapter(run_dir: Path) -> None:
+    """The run's adapter reloads with exactly the saved weights, and training moved them from LoRA's init.
+
+    LoRA starts with B = 0 (the adapter is the identity); a saved adapter whose B matrices are all
+    still zero, or a reload that does not reproduce the file, fails here.
+    """
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from alignment.models import load_with_adapter
+
+    saved = load_file(str(run_dir / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(load_with_adapter(None, run_dir))
+    assert saved.keys() == loaded.keys()
+    for key, want in saved.items():
+        torch.testing.assert_close(loaded[key], want, atol=0, rtol=0, msg=key)
+    lora_b = [w for k, w in saved.items() if "lora_B" in k]
+    assert lora_b and any(w.abs().sum() > 0 for w in lora_b), "every lora_B is still at its zero init"
+
+
 def shorter_is_better(prompts: list, responses: list[str]) -> list[float]:
     """A program reward for PPO tests: pickled to the Ray workers with this module."""
     return [-len(response) / 20 for response in responses]

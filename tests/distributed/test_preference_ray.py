@@ -10,10 +10,9 @@ from alignment.config import load_config
 from alignment.data_files import write_jsonl
 from alignment.dpo import DPORunConfig, train_dpo
 from alignment.kto import KTORunConfig, train_kto
-from alignment.models import load_with_adapter
 from alignment.preference_data import EXAMPLE_PREFERENCES
 from tests.alignment.test_kto import feedback_rows
-from tests.distributed.conftest import assert_adapters_agree
+from tests.distributed.conftest import assert_adapters_agree, assert_loads_trained_adapter
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -80,5 +79,4 @@ def test_kto_trains_on_two_workers(tiny_model: Path, tmp_path: Path) -> None:
     assert metrics["global_step"] == 3
     assert metrics["ray_workers"] == 2
     assert "eval_loss" in metrics
-    assert (config.output_dir / "adapter_model.safetensors").is_file()
-    assert load_with_adapter(None, config.output_dir) is not None
+    assert_loads_trained_adapter(config.output_dir)

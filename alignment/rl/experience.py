@@ -1,0 +1,170 @@
+"""Experience for one PPO step, phase by phase; each phase a plain function of tensors and models.
+
+    rollout = generate_rollouts(policy, tokenizer, prompt_ids, prompts, generation)   # sampling
+    raw, scores = score_rollouts(reward_fn, rollout, missing_eos_penalty)             # reward
+    logprobs, ref_logprobs, values = rollout_logprobs_and_values(policy, critic, ...) # no grad
+    experience, stats = compute_advantages(rollout, scores, ..., kl_coef, ppo)        # rewards + GAE
+
+Being separate functions, a distributed runner can place the phases on different workers
+(OpenRLHF-style rollout / reference / reward / critic actors) or run all of them on each
+data-parallel copy, as `alignment.rl.ray_worker` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from alignment.messages import Message
+from alignment.rl.config import GenerationSettings, PPOConfig, RewardFn
+from alignment.rl.data import pad
+from alignment.rl.losses import compute_gae, masked_mean, masked_whiten, per_token_rewards
+from alignment.rl.models import Critic, critic_values, forward_policy, reference_policy
+
+# --- phase 1: rollouts -------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Sampled responses. Queries are left-padded, responses right-padded after their first EOS."""
+
+    prompts: list[list[Message]]
+    responses: list[str]
+    query_ids: torch.Tensor  # (B, Q)
+    query_mask: torch.Tensor  # (B, Q)
+    response_ids: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
+    ended_with_eos: torch.Tensor  # (B,) bool
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+@torch.no_grad()
+def generate_rollouts(
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[list[int]],
+    prompts: Sequence[list[Message]],
+    generation: GenerationSettings,
+) -> Rollout:
+    device = next(policy.parameters()).device
+    query_ids = pad(prompt_ids, tokenizer.pad_token_id, "left").to(device)
+    query_mask = pad([[1] * len(p) for p in prompt_ids], 0, "left").to(device)
+    # top_k=0 and an explicit config: sample from exactly the distribution the logprobs describe,
+    # whatever sampling defaults the checkpoint's generation_config.json carries.
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=generation.temperature,
+        top_p=generation.top_p,
+        top_k=0,
+        max_new_tokens=generation.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    output = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    response_ids = output[:, query_ids.shape[1] :]
+    is_eos = response_ids == tokenizer.eos_token_id
+    ended_with_eos = is_eos.any(dim=1)
+    T = response_ids.shape[1]
+    first_eos = torch.where(
+        ended_with_eos, is_eos.int().argmax(dim=1), torch.full_like(ended_with_eos, T - 1, dtype=torch.long)
+    )
+    response_mask = (torch.arange(T, device=device)[None, :] <= first_eos[:, None]).long()
+    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Rollout(
+        list(prompts), responses, query_ids, query_mask, response_ids, response_mask, ended_with_eos
+    )
+
+
+# --- phase 2: scores ---------------------------------------------------------------------------------
+
+
+def score_rollouts(
+    reward_fn: RewardFn, rollout: Rollout, missing_eos_penalty: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw reward-model scores, scores after the missing-EOS penalty), both (B,)."""
+    raw = reward_fn(rollout.prompts, rollout.responses)
+    if len(raw) != len(rollout.responses):
+        raise ValueError(f"reward function returned {len(raw)} scores for {len(rollout.responses)} responses")
+    raw_scores = torch.tensor(raw, dtype=torch.float32, device=rollout.response_ids.device)
+    scores = raw_scores.clone()
+    if missing_eos_penalty is not None:
+        # A truncated response would otherwise be judged on text it never finished (N+ details).
+        scores[~rollout.ended_with_eos] -= missing_eos_penalty
+    return raw_scores, scores
+
+
+# --- phase 3: forward passes without grad ------------------------------------------------------------
+
+
+@torch.no_grad()
+def rollout_logprobs_and_values(
+    policy: nn.Module, critic: Critic, rollout: Rollout, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log pi_theta_old, log pi_ref and V_old for a rollout (three forward passes, no grad)."""
+    T = rollout.response_ids.shape[1]
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    logprobs, _, hidden = forward_policy(policy, ids, mask, T, temperature, with_hidden=critic.shared)
+    with reference_policy(policy) as reference:
+        ref_logprobs, _, _ = forward_policy(reference, ids, mask, T, temperature)
+    values = critic.head(hidden) if critic.shared else critic_values(critic, ids, mask, T)
+    return logprobs, ref_logprobs, values
+
+
+# --- phase 4: advantages --------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    """Everything one PPO update needs; rows index rollouts, so minibatches are row selections."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> Experience:
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+def compute_advantages(
+    rollout: Rollout,
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    kl_coef: float,
+    config: PPOConfig,
+) -> tuple[Experience, dict[str, float]]:
+    mask = rollout.response_mask.float()
+    rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator)
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = compute_gae(rewards, values, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    experience = Experience(
+        rollout.input_ids, rollout.attention_mask, mask, logprobs, values * mask, advantages, returns
+    )
+    stats = {
+        "objective/kl": kl.sum(1).mean().item(),
+        "objective/non_score_reward": (-kl_coef * kl).sum(1).mean().item(),
+        "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean().item(),
+        "value/mean": masked_mean(values, mask).item(),
+        "value/returns": masked_mean(returns, mask).item(),
+    }
+    return experience, stats
