@@ -29,7 +29,6 @@ The loss itself is TRL's `_compute_loss`, untouched, so every TRL loss type work
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,23 +39,22 @@ from pydantic import Field
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
-from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import FusedCausalLMOutput
+from trl import DPOConfig
 
 from alignment.config import StrictModel
+from alignment.launch import run_training
 from alignment.lora_precision import MixedPrecision, apply_mixed_precision
-from alignment.models import load_causal_lm, load_tokenizer, resolve_model
+from alignment.models import resolve_model
+from alignment.policy import load_run_policy, load_run_tokenizer
 from alignment.preference_data import PreferenceDataSettings, prepare_preferences
 from alignment.reference_cache import ReferenceCache, attach, cache_key
 from alignment.runner import (
     PolicyRunConfig,
     callbacks,
-    device_plan,
-    lora_config,
-    run_training,
     training_arguments,
 )
 from alignment.shared_prompt import mask_for_attention, pack_pairs
+from alignment.trl_compat import CachedReferenceDPOTrainer, FusedCausalLMOutput, patch_fused_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +105,6 @@ class DPOSettings(StrictModel):
     precompute_batch_size: int = Field(
         16, ge=1, description="Pairs per reference forward while precomputing."
     )
-
-
-def load_policy(config: PolicyRunConfig, base: str) -> tuple[torch.nn.Module, Any]:
-    """(model, peft_config) for a TRL trainer: the SFT adapter made trainable, or a fresh LoRA config.
-
-    Given a PEFT model and no peft_config, TRL loads a frozen copy of the adapter as "ref".
-    """
-    model = load_causal_lm(base, device_plan(config), quantization=config.lora.quantization)
-    if config.init_adapter is None:
-        return model, lora_config(config.lora)
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(config.init_adapter), is_trainable=True), None
 
 
 class DPORunConfig(PolicyRunConfig):
@@ -212,28 +197,14 @@ def add_completion_lm_head(model: PreTrainedModel, share_prompt: str = "pair") -
     shape (batch, seq_len - 1), zero where unscored), so TRL's `_compute_loss` reads it unchanged. With
     `share_prompt`, a [chosen; rejected] batch runs as packed rows (see `share_prompts`).
     """
-    original_forward = type(model).forward.__get__(model)
 
     def forward(
         self: PreTrainedModel,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        fused_lm_head: bool = False,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
         **kwargs: Any,
-    ) -> Any:
-        if not fused_lm_head:
-            return original_forward(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
-            )
-        for unused in (
-            "use_cache",
-            "output_attentions",
-            "output_hidden_states",
-            "return_dict",
-            "inputs_embeds",
-        ):
-            kwargs.pop(unused, None)
+    ) -> FusedCausalLMOutput:
         scored = labels[:, 1:] != -100
         shared = (
             share_prompts(input_ids, attention_mask, labels, across_pairs=share_prompt == "batch")
@@ -276,13 +247,13 @@ def add_completion_lm_head(model: PreTrainedModel, share_prompt: str = "pair") -
             label_mask=scored,
         )
 
-    model.forward = types.MethodType(forward, model)
+    patch_fused_lm_head(model, forward)
 
 
 # --- trainer ----------------------------------------------------------------------------------------
 
 
-class PrefloopDPOTrainer(DPOTrainer):
+class PrefloopDPOTrainer(CachedReferenceDPOTrainer):
     """TRL's DPOTrainer with disk-cached reference log-probs and a completion-only LM head."""
 
     def __init__(
@@ -294,12 +265,8 @@ class PrefloopDPOTrainer(DPOTrainer):
         mixed_precision: MixedPrecision | None = None,
         **kwargs: Any,
     ) -> None:
-        dpo_args: DPOConfig = kwargs["args"]
         # TRL's own precompute hashes every weight and caches in a temp dir; ours runs below, after init.
-        precompute = dpo_args.precompute_ref_log_probs
-        dpo_args.precompute_ref_log_probs = False
         super().__init__(*args, **kwargs)
-        dpo_args.precompute_ref_log_probs = precompute
         self.reference_cache = reference_cache or ReferenceCache()
         self.reference_identity = reference_identity
         self.share_prompt = share_prompt
@@ -309,16 +276,7 @@ class PrefloopDPOTrainer(DPOTrainer):
         )
         if mixed_precision is not None:  # before the reference forwards below
             apply_mixed_precision(self, self.model.get_input_embeddings().weight.dtype, mixed_precision)
-        if precompute:
-            self.precompute_ref_logps = True
-            batch = dpo_args.precompute_ref_batch_size
-            self.train_dataset = self._precompute_ref_logps(
-                self.train_dataset, "train", batch or dpo_args.per_device_train_batch_size
-            )
-            if isinstance(self.eval_dataset, Dataset):
-                self.eval_dataset = self._precompute_ref_logps(
-                    self.eval_dataset, "eval", batch or dpo_args.per_device_eval_batch_size
-                )
+        self.precompute_reference_datasets()
 
     def _reference_settings(self) -> dict[str, Any]:
         """Everything besides weights and token ids that changes the reference numbers."""
@@ -328,25 +286,25 @@ class PrefloopDPOTrainer(DPOTrainer):
             "dtype": str(model.dtype),
             "max_length": self.args.max_length,
             "truncation_mode": self.args.truncation_mode,
-            "ld_alpha": self.ld_alpha,
+            "ld_alpha": self.args.ld_alpha,
             "share_prompt": self.share_prompt,
         }
 
-    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+    def precompute_reference(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         model_id, adapter = self.reference_identity
         key = cache_key(model_id, adapter, dataset, self._reference_settings())
         if (cached := self.reference_cache.load(key, len(dataset))) is not None:
             log.info("reference log-probs for %s: cache hit %s", name, self.reference_cache.path(key))
             return attach(dataset, cached)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-        model = self.ref_model or self.model
+        model = self.reference_model()
         was_training = model.training
         model.eval()
         chosen, rejected = [], []
         with Progress(transient=True) as progress:
             task = progress.add_task(f"reference log-probs ({name})", total=len(loader))
             for batch in loader:
-                ref_chosen, ref_rejected = self.compute_ref_log_probs(model, self._prepare_inputs(batch))
+                ref_chosen, ref_rejected = self.reference_log_probs(model, batch)
                 chosen.append(ref_chosen.float().cpu())
                 rejected.append(ref_rejected.float().cpu())
                 progress.advance(task)
@@ -358,10 +316,11 @@ class PrefloopDPOTrainer(DPOTrainer):
 
 def build_dpo_trainer(config: DPORunConfig) -> PrefloopDPOTrainer:
     base = resolve_model(config.base_model())
-    tokenizer = load_tokenizer(base)  # an SFT adapter saves the same tokenizer as its base
+    tokenizer = load_run_tokenizer(config)
     train, eval_ds, report = prepare_preferences(config.data, tokenizer)
     log.info("DPO data: %s", {k: v for k, v in report.items() if not isinstance(v, dict | list)})
-    model, peft_config = load_policy(config, base)
+    # Given a PEFT model and no peft_config, TRL loads a frozen copy of the adapter as "ref".
+    model, peft_config = load_run_policy(config)
     has_eval = eval_ds is not None and len(eval_ds) > 0
     dpo = config.dpo
     args = training_arguments(
@@ -389,7 +348,6 @@ def build_dpo_trainer(config: DPORunConfig) -> PrefloopDPOTrainer:
         share_prompt=dpo.share_prompt,
         mixed_precision=config.training.mixed_precision,
     )
-    trainer.prefloop_data_report = report  # type: ignore[attr-defined]
     return trainer
 
 

@@ -20,14 +20,14 @@ from trl import KTOConfig, KTOTrainer
 
 from alignment.config import StrictModel
 from alignment.data_files import DataError, read_rows
-from alignment.dpo import load_policy
+from alignment.launch import run_training
 from alignment.lora_precision import apply_mixed_precision
-from alignment.models import load_tokenizer, resolve_model
-from alignment.runner import PolicyRunConfig, callbacks, device_plan, run_training, training_arguments
+from alignment.messages import Message
+from alignment.policy import load_run_policy, load_run_tokenizer
+from alignment.runner import PolicyRunConfig, callbacks, device_plan, training_arguments
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
 EXAMPLE_DATA = Path(__file__).parent / "data" / "preferences_house_style.jsonl"
 
 
@@ -157,11 +157,10 @@ def loss_weights(settings: KTOSettings, n_up: int, n_down: int) -> tuple[float, 
 
 
 def build_kto_trainer(config: KTORunConfig) -> KTOTrainer:
-    base = resolve_model(config.base_model())
-    tokenizer = load_tokenizer(base)  # an SFT adapter saves the same tokenizer as its base
+    tokenizer = load_run_tokenizer(config)
     train, eval_ds, stats = build_datasets(config)
     log.info("KTO data: %s", stats)
-    model, peft_config = load_policy(config, base)
+    model, peft_config = load_run_policy(config)
     has_eval = eval_ds is not None and len(eval_ds) > 0
     desirable, undesirable = loss_weights(config.kto, stats["desirable"], stats["undesirable"])
     args = training_arguments(

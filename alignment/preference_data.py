@@ -30,10 +30,10 @@ from pydantic import Field, field_validator
 from alignment import dedup
 from alignment.config import StrictModel
 from alignment.data_files import DataError, read_rows, write_jsonl
+from alignment.messages import Message
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
 ROLES = {"system", "user", "assistant"}
 EXAMPLE_PREFERENCES = Path(__file__).parent / "data" / "preferences_house_style.jsonl"
 

@@ -20,23 +20,15 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
-from alignment.models import MANIFEST, prefloop_home
+from alignment.fingerprints import sha256_files
+from alignment.models import MANIFEST
+from alignment.paths import prefloop_home
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def default_cache_dir() -> Path:
     return prefloop_home() / "cache" / "reference-logps"
-
-
-def _hash_files(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @lru_cache(maxsize=16)
@@ -46,14 +38,14 @@ def weights_fingerprint(path: str) -> str:
     if not directory.is_dir():
         return f"hub:{path}"  # a hub id: the name is all we know without downloading
     if (directory / MANIFEST).is_file():
-        return _hash_files([directory / MANIFEST])
+        return sha256_files([directory / MANIFEST], with_names=True)
     files = sorted(
         p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".json"} and p.is_file()
     )
-    return _hash_files(files)
+    return sha256_files(files, with_names=True)
 
 
-def data_fingerprint(dataset: Dataset) -> str:
+def pairs_fingerprint(dataset: Dataset) -> str:
     """Hash of the tokenized pairs, in order (row i of the cache belongs to row i of the dataset)."""
     digest = hashlib.sha256()
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -67,7 +59,7 @@ def cache_key(model: str, adapter: str | None, dataset: Dataset, settings: dict[
     parts = {
         "model": weights_fingerprint(model),
         "adapter": weights_fingerprint(adapter) if adapter else None,
-        "data": data_fingerprint(dataset),
+        "data": pairs_fingerprint(dataset),
         "settings": settings,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from alignment.data_files import DataError, read_rows
+from alignment.messages import Message
 
 ROLES = {"system", "user", "assistant"}
-Message = dict[str, str]
 
 
 def _from_alpaca(row: dict[str, Any], where: str) -> list[Message]:

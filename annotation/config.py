@@ -51,6 +51,9 @@ class DatasetSettings(StrictModel):
 class PushSettings(StrictModel):
     model: str = Field("smollm2-135m-instruct", description="Policy that samples the candidate responses.")
     adapter: str | None = Field(None, description="PEFT adapter directory applied on top of `model`.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub model (off: only transformers' own code)."
+    )
     reward_model: str | None = Field(
         None, description="Reward model directory; its scores become suggestions."
     )

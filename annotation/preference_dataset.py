@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import argilla as rg
 
+from alignment.messages import Message
 from annotation.config import DatasetSettings
-
-Message = dict[str, str]
 
 PREFERENCE = "preference"
 LABELS = {"a": "Response A", "b": "Response B", "tie": "Tie", "both_bad": "Both bad"}

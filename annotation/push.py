@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +19,13 @@ import argilla as rg
 from rich.progress import Progress
 
 from alignment.data_files import DataError, read_jsonl
+from alignment.messages import Message
 from alignment.preference_data import as_messages, load_preference_rows
 from annotation.config import DatasetSettings, PushSettings
 from annotation.preference_dataset import CandidatePair, build_settings, record_id, to_record
 
-Message = dict[str, str]
 # (prompts as message lists, responses) -> one reward per response
 Scorer = Callable[[list[list[Message]], list[str]], list[float]]
-
-
-@dataclass
-class PushReport:
-    records: int
-    dropped_near_identical: int
-    dataset_url: str
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -189,26 +181,22 @@ def push_pairs(client: rg.Argilla, settings: DatasetSettings, pairs: Sequence[Ca
     return len(ordered)
 
 
-def load_policy(settings: PushSettings) -> tuple[Any, Any]:
-    """The sampling policy: base model (+ PEFT adapter) and its tokenizer."""
+def sampling_policy(settings: PushSettings) -> tuple[Any, Any]:
+    """The sampling policy: base model (+ frozen PEFT adapter) and its tokenizer (`alignment.policy`)."""
     from alignment.devices import plan_device
-    from alignment.models import load_causal_lm, load_tokenizer
+    from alignment.policy import load_policy, load_policy_tokenizer
 
-    model = load_causal_lm(settings.model, plan_device(settings.dtype))
-    # a trained adapter directory carries the tokenizer it was trained with (chat template included)
-    has_tokenizer = settings.adapter and (Path(settings.adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(settings.adapter if has_tokenizer else settings.model)
-    if settings.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, settings.adapter)
+    trust = settings.trust_remote_code
+    model, _ = load_policy(
+        settings.model, settings.adapter, plan_device(settings.dtype), trust_remote_code=trust
+    )
     model.eval()
-    return model, tokenizer
+    return model, load_policy_tokenizer(settings.model, settings.adapter, trust)
 
 
 def generated_pairs(
     prompts: list[list[Message]], settings: PushSettings, scorer: Scorer | None = None
 ) -> tuple[list[CandidatePair], int]:
     """Sample k responses per prompt from the configured policy and pair them up."""
-    model, tokenizer = load_policy(settings)
+    model, tokenizer = sampling_policy(settings)
     return build_pairs(prompts, sample_responses(model, tokenizer, prompts, settings), settings, scorer)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from alignment.models import prefloop_home
+from alignment.paths import prefloop_home
 
 SERVER_REQUIREMENTS = (
     "argilla-server[postgresql]==2.8.0",

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 
-from alignment.models import prefloop_home
+from alignment.paths import prefloop_home
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

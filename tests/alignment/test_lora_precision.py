@@ -59,7 +59,15 @@ def test_state_restored_from_a_checkpoint_moves_to_the_fp32_master() -> None:
 
 
 def test_cast_adapter_params_leaves_other_dtypes() -> None:
-    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
-    model.extra = torch.nn.Linear(2, 2)  # fp32, like a fresh LoRA matrix
+    model = torch.nn.Module()
+    model.base = torch.nn.Linear(2, 2).to(torch.bfloat16)  # the frozen base, already bf16
+    model.lora = torch.nn.Linear(2, 2)  # fp32, like a fresh LoRA matrix
+    model.fp16 = torch.nn.Linear(2, 2).to(torch.float16)  # neither fp32 nor the target: untouched
+    model.fp64 = torch.nn.Linear(2, 2).to(torch.float64)
+    before = model.fp64.weight.detach().clone()
     cast_adapter_params(model, torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.base.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.lora.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.fp16.parameters()} == {torch.float16}
+    assert {p.dtype for p in model.fp64.parameters()} == {torch.float64}
+    assert torch.equal(model.fp64.weight, before)
