@@ -7,8 +7,9 @@ metrics = train_sft(config)   # adapter + tokenizer + model card in config.outpu
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from datasets import Dataset
 from pydantic import Field
@@ -20,6 +21,7 @@ from alignment.data_files import DataError
 from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
+from alignment.sft_curation import CurationSettings, Scorer, curate_for_training
 from alignment.sft_data import load_conversations, to_prompt_completion
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class SFTRunConfig(RunConfig):
     output_dir: Path = Path("runs/sft")
     data: SFTDataSettings = Field(default_factory=SFTDataSettings)
     merge: bool = Field(False, description="Also export base+adapter merged weights to output_dir/merged.")
+    curate: CurationSettings | None = Field(
+        None, description="Curate data.train first (alignment.sft_curation), then train on it."
+    )
 
 
 def _token_length(tokenizer: PreTrainedTokenizerBase, example: dict) -> int:
@@ -115,9 +120,17 @@ def build_sft_trainer(config: SFTRunConfig) -> SFTTrainer:
     return trainer
 
 
-def train_sft(config: SFTRunConfig) -> dict:
+def train_sft(config: SFTRunConfig, scorers: Mapping[str, Scorer] | None = None) -> dict:
+    """`scorers` (name -> (prompts, responses) -> scores) serve a `curate.score` block."""
+    extra: dict[str, Any] = {}
+    if config.curate is not None:
+        curated, result = curate_for_training(config.curate, config.data.train, scorers)
+        data = config.data.model_copy(update={"train": curated.train_file})
+        config = config.model_copy(update={"data": data})
+        extra = {"curated_version": str(curated.path), "curated_rows": curated.rows}
+        extra["curated_rows_read"] = result.rows_read
     metrics = run_training(
-        config, "sft", build_sft_trainer, [p for p in (config.data.train, config.data.eval) if p]
+        config, "sft", build_sft_trainer, [p for p in (config.data.train, config.data.eval) if p], extra
     )
     if config.merge:
         merge_adapter(config.output_dir, config.output_dir / "merged")

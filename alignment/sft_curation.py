@@ -37,7 +37,6 @@ from pydantic import Field, field_validator
 from alignment import dedup
 from alignment.config import StrictModel
 from alignment.data_files import DataError, write_jsonl
-from alignment.preference_data import eval_prompt_texts
 from alignment.sft_data import to_conversation
 
 Message = dict[str, str]
@@ -322,6 +321,8 @@ def curate_rows(
         items = [(row["id"], text(row)) for _, row in kept]
         remove(dedup.near_duplicates(items, settings.near_dup_threshold), "near_duplicate", "near")
     if settings.decontaminate_against:
+        from alignment.preference_data import eval_prompt_texts  # imports `datasets`: only when needed
+
         eval_sets = {name: eval_prompt_texts(path) for name, path in settings.decontaminate_against.items()}
         index = dedup.EvalIndex(eval_sets, settings.decontamination_threshold)
         remove(index.contaminated(prompt_text(row["messages"]) for _, row in kept), "contaminated", "in")
@@ -345,24 +346,28 @@ def _score_and_select(
         for row, score in zip(rows, scores, strict=True):
             row.setdefault("scores", {})[name] = score
     key = settings.select_by if settings.select_by in scorers else next(iter(scorers))
-    ranked = sorted(rows, key=lambda r: r["scores"][key], reverse=True)
-    threshold = settings.min_score
-    if settings.keep_top_fraction is not None and ranked:
-        n_keep = max(1, round(settings.keep_top_fraction * len(ranked)))
-        cut = ranked[n_keep - 1]["scores"][key]
-        threshold = cut if threshold is None else max(threshold, cut)
-    if threshold is None:
+    if settings.keep_top_fraction is None and settings.min_score is None:
         return
-    result.threshold = threshold
+    chosen = set(range(len(rows)))
+    if settings.keep_top_fraction is not None:
+        # Exactly the best share (ties at the cut broken by input order), not "scores >= the cut".
+        ranked = sorted(range(len(rows)), key=lambda i: -rows[i]["scores"][key])
+        chosen = set(ranked[: max(1, round(settings.keep_top_fraction * len(rows)))])
+    if settings.min_score is not None:
+        chosen = {i for i in chosen if rows[i]["scores"][key] >= settings.min_score}
+    result.threshold = min((rows[i]["scores"][key] for i in chosen), default=settings.min_score)
     kept = []
-    for where, row in zip(wheres, rows, strict=True):
-        if row["scores"][key] >= threshold:
+    for i, (where, row) in enumerate(zip(wheres, rows, strict=True)):
+        if i in chosen:
             kept.append(row)
-        else:
-            detail = f"{key} score {row['scores'][key]:.4g} < {threshold:.4g}"
-            result.removed["low_score"].append(
-                {"id": row["id"], "where": where, "detail": detail, "messages": row["messages"]}
-            )
+            continue
+        why = f"below min_score {settings.min_score:.4g}" if settings.min_score is not None else ""
+        if settings.keep_top_fraction is not None and not why:
+            why = f"outside the top {settings.keep_top_fraction:.0%}"
+        detail = f"{key} score {row['scores'][key]:.4g}, {why or 'not selected'}"
+        result.removed["low_score"].append(
+            {"id": row["id"], "where": where, "detail": detail, "messages": row["messages"]}
+        )
     result.kept = kept
 
 
@@ -493,3 +498,22 @@ def plot_scores(result: CurationResult, path: Path) -> Path:
 
 def removed_counts(result: CurationResult) -> dict[str, int]:
     return dict(Counter({r: len(rows) for r, rows in result.removed.items() if rows}))
+
+
+def curate_for_training(
+    settings: CurationSettings, train: Path, scorers: Mapping[str, Scorer] | None = None
+) -> tuple[CuratedVersion, CurationResult]:
+    """`train sft` with a `curate:` block: curate `train` into a version and train on that."""
+    from alignment.config import ConfigError
+    from alignment.data_files import read_rows
+
+    wants = [k for k in ("reward_model", "judge") if getattr(settings.score, k) is not None]
+    if wants and not scorers:
+        raise ConfigError(
+            f"curate.score.{wants[0]} needs scorers from the reward layer: run `prefloop train sft` "
+            "(it builds them) or pass train_sft(config, scorers=...)"
+        )
+    result = curate_rows(read_rows(Path(train)), settings, scorers)
+    if not result.kept:
+        raise DataError(f"{train}: curation removed every row ({removed_counts(result)})")
+    return write_curated(result, settings.output_dir, settings.examples_per_filter), result

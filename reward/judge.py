@@ -50,8 +50,9 @@ _PAIRWISE = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _RATING = re.compile(r"\[\[\s*(10|[1-9])(?:\.\d+)?\s*\]\]")
 
 
-class JudgeError(RuntimeError):
-    """The judge endpoint refused or could not be reached (after retries)."""
+class JudgeError(ConfigError):
+    """The judge endpoint refused or could not be reached (after retries). A ConfigError, because the
+    fix is in the judge settings (URL, model, key), so every CLI reports it as one: exit 2."""
 
 
 class JudgeSettings(StrictModel):

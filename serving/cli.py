@@ -14,6 +14,7 @@ import typer
 from alignment import cli as alignment_cli
 from annotation import cli as annotation_cli
 from reward import cli as reward_cli
+from reward import curation as curation_cli
 from serving import commands as serving_commands
 from serving.quickstart import cli as quickstart_cli
 from serving.train_commands import train_app
@@ -43,6 +44,7 @@ def main(
 
 alignment_cli.register(app)  # models, chat
 reward_cli.register(app)  # reward score, eval
+curation_cli.register(app)  # data curate
 annotation_cli.register(app)  # annotate ...
 serving_commands.register(app)  # serve, feedback, loop, registry
 quickstart_cli.register(app)  # quickstart: the whole loop end to end

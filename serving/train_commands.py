@@ -44,8 +44,13 @@ def train_sft(
 ) -> None:
     """Supervised fine-tuning of a LoRA/QLoRA adapter (TRL SFTTrainer)."""
     from alignment.sft import SFTRunConfig, train_sft
+    from reward.curation import curation_scorers
 
-    cfg, metrics = run_stage(SFTRunConfig, train_sft, config, overrides, resume, ray, workers)
+    def train(cfg: SFTRunConfig) -> dict:
+        # A `curate:` block's reward-model/judge scores come from the reward layer, built here.
+        return train_sft(cfg, curation_scorers(cfg.curate))
+
+    cfg, metrics = run_stage(SFTRunConfig, train, config, overrides, resume, ray, workers)
     print_metrics(f"SFT -> {cfg.output_dir}", metrics)
 
 

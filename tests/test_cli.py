@@ -23,6 +23,7 @@ STAGE_COMMANDS = {
     "chat": "alignment",
     "reward": "reward",
     "eval": "reward",
+    "data": "reward",
     "annotate": "annotation",
     "serve": "serving",
     "feedback": "serving",

@@ -66,6 +66,7 @@ SHIPPED_CONFIG_MODELS = {
     "grpo*.yaml": "alignment.rl.config:GRPORunConfig",
     "reward*.yaml": "reward.trainer:RewardRunConfig",
     "eval*.yaml": "reward.evaluate:EvalConfig",
+    "curate*.yaml": "reward.curation:CurateConfig",
     "annotation*.yaml": "annotation.config:AnnotationConfig",
     "serve*.yaml": "serving.config:ServeConfig",
     "loop*.yaml": "serving.config:LoopConfig",
