@@ -29,6 +29,7 @@ STAGE_COMMANDS = {
     "feedback": "serving",
     "loop": "serving",
     "registry": "serving",
+    "quickstart": "serving",
     "train": "serving",
 }
 TRAIN_FLAGS = {"--config", "--set", "--resume", "--ray", "--workers"}
