@@ -1,16 +1,15 @@
-"""The generation engine: one base model, several LoRA adapters, batched requests, streaming.
+"""The server's engine: one base model, several LoRA adapters, continuous batching, streaming.
 
-A background thread owns the model. Requests queue up; the thread collects them for a few
-milliseconds, left-pads them into one batch and runs ONE `generate` call for the whole batch,
-whatever adapter each row asked for (PEFT's mixed-adapter batches via `adapter_names`). Per-row
-sampling (temperature, top_p), per-row `max_tokens` and stop sequences are enforced by a logits
-processor and a stopping criterion, so requests with different settings still share a batch.
-Every new token is decoded as it is sampled and pushed to the waiting request's asyncio queue,
-which is what both streaming and plain responses read.
+A background thread owns `alignment.generation.Engine` (the one engine everything that samples
+uses). Requests join the running batch between two decode steps and leave it as soon as they
+finish, so no request waits for another's long answer; each row keeps its own adapter,
+temperature, top_p, `max_tokens` and stop sequences. After every step the new text of each row
+is pushed to the waiting request's asyncio queue, which is what both streaming and plain
+responses read; text that could still grow into a stop sequence is held back.
 
 Adapters are hot-swapped without failing a request: the new adapter is loaded under the model
-lock (between two batches), the alias (`prefloop-current`) is repointed, and the old adapter is
-unloaded only once no admitted request still refers to it.
+lock (between two decode steps), the alias (`prefloop-current`) is repointed, and the old adapter
+is unloaded only once no admitted request still refers to it.
 """
 
 from __future__ import annotations
@@ -22,20 +21,21 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from alignment.devices import DevicePlan, plan_device
+from alignment.generation import Engine, Sequence
+from alignment.generation import SamplingParams as RowParams
 from alignment.models import load_causal_lm, load_tokenizer
 
 log = logging.getLogger("prefloop.serving")
 
 CURRENT_ALIAS = "prefloop-current"
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+BASE_ADAPTER = "__base__"  # "no adapter": the base model
 _SWEEP = "sweep"  # queue message: unload retired adapters that no request uses any more
 
 
@@ -91,29 +91,6 @@ class Job:
     cancelled: bool = False
 
 
-@dataclass
-class _Row:
-    job: Job
-    index: int
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far
-    emitted: int = 0  # characters of `text` already sent
-    done: bool = False
-    # Incremental detokenization: re-decode only from `prefix_offset`, so each step costs O(1)
-    # tokens, not O(length); text only grows once it no longer ends in a partial UTF-8 character.
-    prefix_offset: int = 0
-    read_offset: int = 0
-
-    def decode_step(self, tokenizer: Any, flush: bool = False) -> None:
-        prefix = tokenizer.decode(
-            self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True
-        )
-        new = tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
-        if len(new) > len(prefix) and (flush or not new.endswith("\ufffd")):
-            self.text += new[len(prefix) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-
-
 def _holdback(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest suffix of `text` that could still grow into a stop sequence."""
     best = 0
@@ -125,88 +102,28 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
-class _RowTracker(StoppingCriteria):
-    """Decodes each row's new token, emits text deltas, and decides per row when it is finished.
+@dataclass
+class _Row:
+    """One choice of a request, answered by one engine sequence; `emitted` chars already sent."""
 
-    It runs right after every decoding step, so it is the one place where EOS, stop sequences,
-    per-row `max_tokens` and cancelled clients end a row; `generate` then pads that row.
-    """
+    job: Job
+    index: int
+    seq: Sequence
+    emitted: int = 0
 
-    def __init__(self, rows: list[_Row], tokenizer: Any, eos_ids: set[int]):
-        self.rows, self.tokenizer, self.eos_ids = rows, tokenizer, eos_ids
-        self.finished = torch.zeros(len(rows), dtype=torch.bool)
-
-    def _emit(self, row: _Row, text: str, finish_reason: str | None = None) -> None:
-        delta = Delta(row.index, text, finish_reason, len(row.tokens) if finish_reason else 0)
-        row.job.loop.call_soon_threadsafe(row.job.events.put_nowait, delta)
-
-    def _finish(self, i: int, reason: str) -> None:
-        row = self.rows[i]
-        row.done = True
-        self.finished[i] = True
-        row.decode_step(self.tokenizer, flush=True)
-        text = row.text
-        tail = text[row.emitted :]
-        if reason == "stop" and row.job.params.stop:
-            cut = min((p for s in row.job.params.stop if (p := text.find(s)) >= 0), default=len(text))
-            tail = text[row.emitted : cut]
-        self._emit(row, tail, reason)
-
-    def __call__(
-        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
-    ) -> torch.BoolTensor:
-        new_tokens = input_ids[:, -1].tolist()
-        for i, (row, token) in enumerate(zip(self.rows, new_tokens, strict=True)):
-            if row.done:
-                continue
-            if row.job.cancelled:
-                self._finish(i, "cancelled")
-                continue
-            if token in self.eos_ids:
-                self._finish(i, "stop")
-                continue
-            row.tokens.append(token)
-            row.decode_step(self.tokenizer)
-            text, stops = row.text, row.job.params.stop
-            if stops and any(s in text[max(0, row.emitted - max(map(len, stops))) :] for s in stops):
-                self._finish(i, "stop")
-            elif len(row.tokens) >= row.job.params.max_tokens:
-                self._finish(i, "length")
-            else:
-                safe = len(text) - _holdback(text, stops)
-                if safe > row.emitted:
-                    self._emit(row, text[row.emitted : safe])
-                    row.emitted = safe
-        return self.finished.to(input_ids.device)
-
-    def close(self, reason: str = "length") -> None:
-        for i, row in enumerate(self.rows):
-            if not row.done:
-                self._finish(i, reason)
-
-
-class _PerRowSampling(LogitsProcessor):
-    """Temperature and nucleus (top_p) per row; temperature 0 means greedy for that row."""
-
-    def __init__(self, temperature: torch.Tensor, top_p: torch.Tensor):
-        self.temperature, self.top_p = temperature, top_p
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        greedy = self.temperature == 0
-        if greedy.all():  # the common eval/test case: skip the vocabulary sort entirely
-            return torch.full_like(scores, float("-inf")).scatter(1, scores.argmax(-1, keepdim=True), 0.0)
-        scores = scores / self.temperature.clamp_min(1e-5)[:, None]
-        nucleus = (self.top_p < 1) | greedy
-        if nucleus.any():
-            rows = scores[nucleus]
-            sorted_scores, order = rows.sort(dim=-1, descending=True)
-            probs = sorted_scores.softmax(dim=-1)
-            # Drop a token when the tokens ranked above it already cover top_p (always keep the first).
-            drop_sorted = (probs.cumsum(dim=-1) - probs) >= self.top_p[nucleus, None]
-            drop_sorted[greedy[nucleus], 1:] = True
-            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            scores[nucleus] = rows.masked_fill(drop, float("-inf"))
-        return scores
+    def emit(self) -> bool:
+        """Send the text that can no longer change; True once the row is finished."""
+        seq, job = self.seq, self.job
+        if seq.done:
+            delta = Delta(self.index, seq.text[self.emitted :], seq.finish_reason, len(seq.tokens))
+            job.loop.call_soon_threadsafe(job.events.put_nowait, delta)
+            return True
+        safe = len(seq.text) - _holdback(seq.text, job.params.stop)
+        if safe > self.emitted:
+            delta = Delta(self.index, seq.text[self.emitted : safe])
+            job.loop.call_soon_threadsafe(job.events.put_nowait, delta)
+            self.emitted = safe
+        return False
 
 
 class GenerationEngine:
@@ -225,21 +142,20 @@ class GenerationEngine:
         self.plan = plan or plan_device()
         self.base_name = served_name or Path(model).name
         self.tokenizer = load_tokenizer(model)
-        self.tokenizer.padding_side = "left"
         self.model: Any = load_causal_lm(model, self.plan).eval()
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [self.tokenizer.eos_token_id])
+        self.engine = Engine(self.model, self.tokenizer, max_batch_size=max_batch_size)
+        self.eos_ids = self.engine.eos_ids
         self.adapters: dict[str, Path] = {}  # loaded adapter name -> path
         self.aliases: dict[str, str] = {CURRENT_ALIAS: BASE_ADAPTER}
         self._in_use: Counter[str] = Counter()  # admitted requests per adapter
         self._retired: set[str] = set()  # adapters to unload once no request uses them
         self._pinned: set[str] = set()  # loaded explicitly: never retired by a swap
         self._names = threading.Lock()  # guards adapters/aliases/_in_use/_retired
-        self._model_lock = threading.Lock()  # held while generating or changing adapters
+        self._model_lock = threading.Lock()  # held while stepping or changing adapters
         self._queue: queue.Queue[Job | str | None] = queue.Queue()  # None = stop
-        self._carry: Job | None = None
-        self.batches = 0
+        self._rows: dict[int, _Row] = {}  # engine sequence id -> the request row it answers
+        self.steps = 0
         self._worker = threading.Thread(target=self._run, name="prefloop-generate", daemon=True)
         self._worker.start()
 
@@ -268,17 +184,7 @@ class GenerationEngine:
 
     def _load(self, name: str, path: Path) -> None:
         """Load an adapter (caller holds the model lock)."""
-        from peft import PeftModel
-
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        else:
-            self.model = PeftModel.from_pretrained(
-                self.model, str(path), adapter_name=name, is_trainable=False
-            )
-        self.model.eval()
-        # Keep adapter weights in the serving dtype: PEFT may upcast them, which costs a cast per step.
-        self.model.to(self.plan.dtype)
+        self.engine.load_adapter(name, path)
 
     def load_adapter(self, name: str, path: str | Path, pin: bool = True) -> None:
         """Load an adapter under `name`. Pinned adapters (from the config or the admin API) stay
@@ -319,13 +225,7 @@ class GenerationEngine:
             with self._names:
                 idle = [a for a in self._retired if self._in_use[a] == 0]
             for name in idle:
-                if list(self.model.peft_config) == [name]:
-                    self.model = self.model.unload()  # the last adapter: back to the plain base model
-                else:
-                    self.model.delete_adapter(name)
-                    # PEFT keeps a stale active adapter name after deleting it; generation would then fail.
-                    if self.model.active_adapter not in self.model.peft_config:
-                        self.model.set_adapter(next(iter(self.model.peft_config)))
+                self.engine.remove_adapter(name)
                 with self._names:
                     self._retired.discard(name)
                     self.adapters.pop(name, None)
@@ -387,95 +287,72 @@ class GenerationEngine:
         assert result is not None
         return result
 
-    # --- the batching thread --------------------------------------------------------------
+    # --- the decoding thread -------------------------------------------------------------
 
-    def _next(self, timeout: float | None = None) -> Job | str | None:
-        if self._carry is not None:
-            job, self._carry = self._carry, None
-            return job
-        return self._queue.get(timeout=timeout)
-
-    def _collect(self) -> list[Job] | None:
-        """Block for one job, then gather more for up to max_wait_ms, up to max_batch_size rows."""
-        first = self._next()
-        while first == _SWEEP:
-            self._unload_retired()
-            first = self._next()
-        if first is None:
-            return None
-        assert isinstance(first, Job)
-        batch, rows = [first], first.params.n
-        deadline = time.perf_counter() + self.max_wait_s
-        while rows < self.max_batch_size:
+    def _take(self, block: bool) -> bool:
+        """Admit queued jobs into the engine; False once asked to stop."""
+        while True:
             try:
-                job = self._next(timeout=max(0.0, deadline - time.perf_counter()))
+                item = self._queue.get(timeout=None) if block else self._queue.get_nowait()
             except queue.Empty:
-                break
-            if job == _SWEEP:
-                continue  # the sweep after this batch covers it
-            if job is None:
-                self._queue.put(None)
-                break
-            assert isinstance(job, Job)
-            if rows + job.params.n > self.max_batch_size:
-                self._carry = job  # first in the next batch, so a large request is never starved
-                break
-            batch.append(job)
-            rows += job.params.n
-        return batch
+                return True
+            block = False
+            if item is None:
+                return False
+            if item == _SWEEP:
+                self._unload_retired()
+                continue
+            assert isinstance(item, Job)
+            adapter = None if item.adapter == BASE_ADAPTER else item.adapter
+            params = RowParams(
+                item.params.temperature, item.params.top_p, item.params.max_tokens, item.params.stop
+            )
+            with self._model_lock:
+                for index in range(item.params.n):
+                    seq = self.engine.add(item.prompt_ids, params, adapter)
+                    self._rows[seq.id] = _Row(item, index, seq)
 
     def _run(self) -> None:
         if self.threads:
             # Per-thread under OpenMP: only the generation thread changes. On a shared CPU, fewer
             # threads than cores avoids OpenMP spin-waiting against other processes.
             torch.set_num_threads(self.threads)
-        while (batch := self._collect()) is not None:
+        while True:
+            idle = not self.engine.has_work()
+            if not self._take(block=idle):
+                break
+            if idle and self.max_wait_s:
+                time.sleep(self.max_wait_s)  # let a burst arrive together: one prefill for all
+                if not self._take(block=False):
+                    break
+            for row in self._rows.values():
+                if row.job.cancelled and not row.seq.done:
+                    self.engine.abort(row.seq)
             try:
                 with self._model_lock:
-                    self._generate(batch)
-                self.batches += 1
-            except Exception as exc:  # one bad batch must not kill the server
+                    touched = self.engine.step()
+                self.steps += 1
+            except Exception as exc:  # one bad step must not kill the server
                 log.exception("generation failed")
-                for job in batch:
-                    job.loop.call_soon_threadsafe(job.events.put_nowait, exc)
-            self._unload_retired()
+                self._fail_all(exc)
+                continue
+            for seq in touched:
+                row = self._rows.get(seq.id)
+                if row is not None and row.emit():
+                    del self._rows[seq.id]
+            for sid in [sid for sid, row in self._rows.items() if row.seq.done and row.emit()]:
+                del self._rows[sid]  # aborted before they ever ran
+        self._fail_all(RuntimeError("the generation engine is shutting down"))
 
-    @torch.inference_mode()
-    def _generate(self, batch: list[Job]) -> None:
-        rows = [_Row(job, i) for job in batch for i in range(job.params.n)]
-        width = max(len(r.job.prompt_ids) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.job.prompt_ids)) + r.job.prompt_ids for r in rows])
-        attention_mask = torch.tensor(
-            [[0] * (width - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows]
-        )
-        device = self.plan.device
-        tracker = _RowTracker(rows, self.tokenizer, self.eos_ids)
-        sampling = _PerRowSampling(
-            torch.tensor([r.job.params.temperature for r in rows], device=device),
-            torch.tensor([r.job.params.top_p for r in rows], device=device),
-        )
-        config = GenerationConfig(
-            do_sample=True,  # _PerRowSampling makes temperature-0 rows greedy
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            max_new_tokens=max(r.job.params.max_tokens for r in rows),
-            pad_token_id=pad,
-            eos_token_id=sorted(self.eos_ids),
-        )
-        extra: dict[str, Any] = {}
-        if hasattr(self.model, "peft_config"):
-            extra["adapter_names"] = [r.job.adapter for r in rows]
-        self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=config,
-            logits_processor=[sampling],
-            stopping_criteria=[tracker],
-            **extra,
-        )
-        tracker.close()
+    def _fail_all(self, exc: BaseException) -> None:
+        jobs = {id(row.job): row.job for row in self._rows.values()}
+        for row in self._rows.values():
+            self.engine.abort(row.seq)
+        with self._model_lock:
+            self.engine.step()  # frees the aborted rows' slots
+        self._rows.clear()
+        for job in jobs.values():
+            job.loop.call_soon_threadsafe(job.events.put_nowait, exc)
 
     def close(self) -> None:
         self._queue.put(None)

@@ -143,7 +143,7 @@ class Engine:
         self._lora = None
 
     def remove_adapter(self, name: str) -> None:
-        if any(s.adapter == name for s in (*self.running, *self.waiting)):
+        if any(s.adapter == name and not s.done for s in (*self.running, *self.waiting)):
             raise ValueError(f"adapter {name!r} is still used by a running sequence")
         self.adapters.pop(name, None)
         self._lora = None
@@ -269,7 +269,7 @@ class Engine:
         first = len(self.running)
         slots = torch.arange(first, first + len(new))
         positions = torch.arange(width)[None].expand(len(new), width)
-        lora = RowLora([self._adapter(s) for s in new])
+        lora = RowLora([self._adapter(s) for s in new], w.sizes)
         logits = llama.forward(
             w, self.cache, ids.to(w.device), positions.to(w.device), lora,
             slots=slots.to(w.device), lengths=lengths.to(w.device), last=(lengths - 1).to(w.device),
@@ -324,7 +324,7 @@ class Engine:
         rows = len(self.running)
         assert self._next_token is not None and len(self._next_token) == rows
         if self._lora is None:
-            self._lora = RowLora([self._adapter(s) for s in self.running])
+            self._lora = RowLora([self._adapter(s) for s in self.running], self.weights.sizes)
         if self._params is None:
             self._params = self._row_params(self.running)
         w = self.weights

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -32,9 +33,34 @@ class Adapter:
     name: str
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    @property
-    def rank(self) -> int:
-        return max((a.shape[0] for a, _ in self.weights.values()), default=0)
+    _groups: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def groups(
+        self, sizes: dict[str, list[tuple[str, int]]]
+    ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """The adapter on the engine's fused projections (`sizes`: group -> [(projection, out)]):
+        A stacked [sum r, in] and B block-diagonal [sum out, sum r], so q/k/v (and gate/up) take
+        one LoRA matmul pair instead of three (two). Zero blocks make it exact."""
+        if self._groups is None:
+            self._groups = {}
+            layers = {layer for layer, _ in self.weights}
+            for layer in layers:
+                for group, members in sizes.items():
+                    present = [(name, out) for name, out in members if (layer, name) in self.weights]
+                    if not present:
+                        continue
+                    a_cat = torch.cat([self.weights[layer, name][0] for name, _ in present])
+                    first_b = self.weights[layer, present[0][0]][1]
+                    b_bd = first_b.new_zeros(sum(out for _, out in members), a_cat.shape[0])
+                    out_at, r_at = 0, 0
+                    for name, out in members:
+                        if (layer, name) in self.weights:
+                            b = self.weights[layer, name][1]
+                            b_bd[out_at : out_at + out, r_at : r_at + b.shape[1]] = b
+                            r_at += b.shape[1]
+                        out_at += out
+                    self._groups[layer, group] = (a_cat, b_bd)
+        return self._groups
 
 
 def _check_config(config: dict, where: str) -> None:
@@ -111,39 +137,38 @@ def adapters_of(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Adapter
 class RowLora:
     """The LoRA deltas of one batch: built from each row's adapter (None = no adapter)."""
 
-    def __init__(self, adapters: list[Adapter | None]):
+    def __init__(self, adapters: list[Adapter | None], sizes: dict[str, list[tuple[str, int]]]):
         used = {id(a): a for a in adapters if a is not None}
         self.none = not used
-        self.shared = next(iter(used.values())) if len(used) == 1 and None not in adapters else None
-        self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.shared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+        if len(used) == 1 and None not in adapters:
+            self.shared = next(iter(used.values())).groups(sizes)
+        self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         if self.none or self.shared is not None:
             return
-        rank = max(a.rank for a in used.values())
-        keys = {key for a in used.values() for key in a.weights}
+        grouped = {id(a): a.groups(sizes) for a in used.values()}
+        keys = {key for g in grouped.values() for key in g}
         for key in keys:
-            some = next(a.weights[key] for a in used.values() if key in a.weights)
-            (r_in, b_out) = some[0].shape[1], some[1].shape[0]
-            stack_a = some[0].new_zeros(len(adapters), rank, r_in)
-            stack_b = some[1].new_zeros(len(adapters), b_out, rank)
+            present = [g[key] for g in grouped.values() if key in g]
+            rank = max(a.shape[0] for a, _ in present)
+            r_in, b_out = present[0][0].shape[1], present[0][1].shape[0]
+            stack_a = present[0][0].new_zeros(len(adapters), rank, r_in)
+            stack_b = present[0][1].new_zeros(len(adapters), b_out, rank)
             for row, adapter in enumerate(adapters):
-                if adapter is not None and key in adapter.weights:
-                    a, b = adapter.weights[key]
+                if adapter is not None and key in grouped[id(adapter)]:
+                    a, b = grouped[id(adapter)][key]
                     stack_a[row, : a.shape[0]] = a  # zero-padded to the largest rank: exact
                     stack_b[row, :, : b.shape[1]] = b
             self._stacks[key] = (stack_a.transpose(1, 2), stack_b.transpose(1, 2))
 
-    def delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The LoRA term for projection `module` of `layer` on input x [rows, t, in], or None."""
+    def delta(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The LoRA term for fused projection `group` of `layer` on input x [rows, t, in], or None."""
         if self.none:
             return None
         if self.shared is not None:
-            ab = self.shared.weights.get((layer, module))
-            return (
-                None
-                if ab is None
-                else torch.nn.functional.linear(torch.nn.functional.linear(x, ab[0]), ab[1])
-            )
-        stacks = self._stacks.get((layer, module))
+            ab = self.shared.get((layer, group))
+            return None if ab is None else F.linear(F.linear(x, ab[0]), ab[1])
+        stacks = self._stacks.get((layer, group))
         if stacks is None:
             return None
         return torch.bmm(torch.bmm(x, stacks[0]), stacks[1])

@@ -1,4 +1,4 @@
-"""The generation engine: per-row sampling, stop handling, and adapter hot-swap under load."""
+"""The server's engine: continuous batching, stop handling, and adapter hot-swap under load."""
 
 from __future__ import annotations
 
@@ -8,33 +8,74 @@ from pathlib import Path
 import torch
 
 from alignment.devices import plan_device
-from serving.generation import CURRENT_ALIAS, GenerationEngine, SamplingParams, _holdback, _PerRowSampling
+from alignment.generation import SamplingParams as RowParams
+from alignment.generation.sampling import top_p_mask
+from serving.generation import CURRENT_ALIAS, Delta, GenerationEngine, SamplingParams, _holdback
 from tests.serving.conftest import eventually
 
 
-def test_per_row_sampling_greedy_and_nucleus_rows_share_a_batch() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    out = _PerRowSampling(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 0.7, 1.0]))(None, logits.clone())
-    kept = torch.isfinite(out)
-    assert kept[0].tolist() == [True, False, False, False]  # temperature 0: greedy
-    assert kept[1].tolist() == [True, True, False, False]  # top_p 0.7: 0.5 + 0.3 covers it
-    assert kept[2].all()  # plain sampling keeps everything
-    assert torch.allclose(out[2], logits[2])
+def test_top_p_mask_keeps_each_rows_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    drop = top_p_mask(logits, torch.tensor([0.7, 1.0]))
+    assert (~drop[0]).tolist() == [True, True, False, False]  # 0.5 + 0.3 covers 0.7
+    assert not drop[1].any()
 
 
 def test_incremental_detokenization_matches_a_full_decode(tiny_model: Path) -> None:
+    from alignment.generation import Sequence
     from alignment.models import load_tokenizer
-    from serving.generation import _Row
 
     tokenizer = load_tokenizer(tiny_model)
     text = "Grüße aus Köln 🎉 — naïve café, 東京 too."
-    row = _Row(job=None, index=0)  # type: ignore[arg-type]
+    seq = Sequence([1], RowParams())
     for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
-        row.tokens.append(token)
-        row.decode_step(tokenizer)
-        assert "\ufffd" not in row.text  # a half-decoded character is never exposed
-    row.decode_step(tokenizer, flush=True)
-    assert row.text == text
+        seq.tokens.append(token)
+        seq.decode_step(tokenizer)
+        assert "\ufffd" not in seq.text  # a half-decoded character is never exposed
+    seq.decode_step(tokenizer, flush=True)
+    assert seq.text == text
+
+
+def test_a_short_request_joins_and_leaves_while_a_long_one_streams(tiny_model: Path) -> None:
+    engine = GenerationEngine(
+        str(tiny_model), plan_device("fp32"), served_name="tiny-random", max_batch_size=4, threads=1
+    )
+    prompt = engine.encode([{"role": "user", "content": "tell me a long story"}])
+    long_params = SamplingParams(temperature=0.0, max_tokens=60)
+    short_params = SamplingParams(temperature=0.0, max_tokens=4)
+
+    async def scenario() -> None:
+        solo_long = (await engine.generate("tiny-random", prompt, long_params)).choices[0]
+        solo_short = (await engine.generate("tiny-random", prompt, short_params)).choices[0]
+        assert solo_long.completion_tokens > 20  # long enough to still be running below
+        order: list[str] = []
+
+        async def run(name: str, params: SamplingParams, started: asyncio.Event | None = None):
+            text = ""
+            async for event in engine.stream(engine.submit("tiny-random", prompt, params)):
+                if isinstance(event, Delta):
+                    text += event.text
+                    if started is not None and text:
+                        started.set()
+                else:
+                    order.append(name)
+                    return event.choices[0], text
+
+        streaming = asyncio.Event()
+        long_task = asyncio.create_task(run("long", long_params, streaming))
+        await streaming.wait()  # the long answer is mid-way ...
+        short, _ = await run("short", short_params)  # ... when the short request arrives
+        assert order == ["short"]  # it left while the long one was still decoding
+        long, streamed = await long_task
+        assert order == ["short", "long"]
+        assert (short.text, short.finish_reason) == (solo_short.text, solo_short.finish_reason)
+        assert (long.text, long.completion_tokens) == (solo_long.text, solo_long.completion_tokens)
+        assert streamed == long.text
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.close()
 
 
 def test_holdback_keeps_possible_stop_prefixes_unsent() -> None:
