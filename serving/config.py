@@ -13,6 +13,7 @@ from pydantic import AfterValidator, Discriminator, Field, SecretStr, Tag, model
 from alignment.config import StrictModel
 from alignment.devices import DTypeName
 from alignment.models import DEFAULT_MODEL
+from reward.judge import JudgeSettings
 
 
 class BatchingSettings(StrictModel):
@@ -186,12 +187,26 @@ class GateSettings(StrictModel):
     min_regression_pass_rate: float | None = Field(
         None, ge=0, le=1, description="Share of regression prompts where the candidate must score no worse."
     )
+    min_win_rate_lower_bound: float | None = Field(
+        None, ge=0, le=1, description="The reward win rate's 95% interval must start at or above this."
+    )
+    min_judge_win_rate: float | None = Field(
+        None, ge=0, le=1, description="LLM-judge win rate (both orders) needed; needs eval.judge."
+    )
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, description="Allowed relative perplexity rise on eval.sft_heldout (0.1 = +10%)."
+    )
 
 
 class EvalSettings(StrictModel):
     prompts: Path | None = Field(None, description="JSONL of regression prompts; default: the packaged set.")
     reward_model: str | None = Field(None, description="Reward model dir for the win rate (prefloop eval).")
     max_new_tokens: int = Field(64, ge=1)
+    judge: JudgeSettings | None = Field(None, description="LLM judge for gate.min_judge_win_rate.")
+    sft_heldout: Path | None = Field(
+        None, description="Held-out SFT conversations for gate.max_perplexity_increase."
+    )
+    max_heldout: int = Field(64, ge=1, description="Conversations of sft_heldout used.")
 
 
 class LoopConfig(StrictModel):
@@ -215,3 +230,12 @@ class LoopConfig(StrictModel):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     server_url: str | None = Field(None, description="Running server to hot-swap after a promotion.")
+
+    @model_validator(mode="after")
+    def _gate_has_its_inputs(self) -> LoopConfig:
+        # Found at load time, not after hours of training.
+        if self.gate.min_judge_win_rate is not None and self.eval.judge is None:
+            raise ValueError("gate.min_judge_win_rate needs eval.judge (an LLM judge endpoint)")
+        if self.gate.max_perplexity_increase is not None and self.eval.sft_heldout is None:
+            raise ValueError("gate.max_perplexity_increase needs eval.sft_heldout (held-out SFT data)")
+        return self

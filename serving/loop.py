@@ -94,7 +94,23 @@ def check_gate(result: dict[str, Any], gate: GateSettings) -> list[str]:
         rate = result.get("regression_pass_rate", 0.0)
         if rate < gate.min_regression_pass_rate:
             failures.append(f"regression_pass_rate {rate:.3f} < {gate.min_regression_pass_rate}")
+    # A metric a rule needs but the evaluation lacks (None, or NaN: no judge verdict) fails the rule.
+    for key, bound in (
+        ("win_rate_lower_bound", gate.min_win_rate_lower_bound),
+        ("judge_win_rate", gate.min_judge_win_rate),
+    ):
+        value = result.get(key)
+        if bound is not None and not (value is not None and value >= bound):
+            failures.append(f"{key} {_shown(value)} < {bound}")
+    increase = result.get("perplexity_increase")
+    limit = gate.max_perplexity_increase
+    if limit is not None and not (increase is not None and increase <= limit):
+        failures.append(f"perplexity_increase {_shown(increase)} > {limit}")
     return failures
+
+
+def _shown(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.3f}"
 
 
 def notify_server(server_url: str, admin_key: str | None) -> dict[str, Any]:
@@ -297,13 +313,18 @@ def reward_evaluator(
         sampling = SamplingSettings(max_new_tokens=job.settings.max_new_tokens, temperature=0.0)
         candidate = ModelSpec(model=job.base_model, adapter=job.candidate_adapter)
         current = ModelSpec(model=job.base_model, adapter=job.current_adapter)
+        judge, heldout = _judge_and_heldout(job.settings)
         result = _with_threads(
-            threads, lambda: compare_models(candidate, current, score, job.prompts, sampling)
+            threads,
+            lambda: compare_models(
+                candidate, current, score, job.prompts, sampling, judge=judge, heldout=heldout
+            ),
         )
         job.output_dir.mkdir(parents=True, exist_ok=True)
         (job.output_dir / "eval.json").write_text(json.dumps(result, indent=2))
         ours, theirs = result["candidate"], result["baseline"]
         return {
+            **_gate_metrics(result),
             "win_rate": result["win_rate"],
             "kl": ours["kl_to_reference"],
             "length_ratio": ours["mean_length"] / max(theirs["mean_length"], 1e-9),
@@ -315,6 +336,48 @@ def reward_evaluator(
         }
 
     return evaluate
+
+
+def _judge_and_heldout(settings: EvalSettings) -> tuple[Any, Any]:
+    """The LLM judge and held-out SFT conversations the gate's judge/perplexity rules need."""
+    judge = heldout = None
+    if settings.judge is not None:
+        from reward.judge import LLMJudge
+
+        judge = LLMJudge(settings.judge)
+    if settings.sft_heldout is not None:
+        from alignment.sft_data import load_conversations
+
+        heldout = load_conversations(settings.sft_heldout)[: settings.max_heldout]
+    return judge, heldout
+
+
+def _gate_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The judge, interval and perplexity figures the gate reads; the registry keeps them with the version."""
+
+    def finite(x: Any) -> Any:  # NaN (a judge with no verdict) is not valid JSON for PostgreSQL
+        return None if isinstance(x, float) and x != x else x
+
+    out: dict[str, Any] = {
+        "win_rate_ci95": result["win_rate_ci95"],
+        "win_rate_lower_bound": result["win_rate_ci95"][0],
+        "error_analysis": result["error_analysis"],
+    }
+    if judge := result.get("judge"):
+        out |= {
+            "judge_win_rate": finite(judge["win_rate"]),
+            "judge_win_rate_ci95": judge["win_rate_ci95"],
+            "judge_position_bias": finite(judge["position_bias"]),
+            "judge_decided": judge["decided"],
+            "judge_parse_failures": judge["parse_failures"],
+        }
+    if "perplexity_increase" in result:
+        out |= {
+            "perplexity_candidate": result["candidate"]["perplexity"],
+            "perplexity_current": result["baseline"]["perplexity"],
+            "perplexity_increase": result["perplexity_increase"],
+        }
+    return out
 
 
 def _with_threads(threads: int | None, fn: Callable[[], Any]) -> Any:
