@@ -55,6 +55,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""  # decoded so far (when the engine has a tokenizer)
     finish_reason: FinishReason | None = None
+    eos_token: int | None = None  # the EOS token that ended it (not in `tokens`)
     # Incremental detokenization: re-decode only from `prefix_offset`, so a step costs O(1)
     # tokens, not O(length); text grows only once it no longer ends in a partial UTF-8 character.
     prefix_offset: int = 0
@@ -136,6 +137,16 @@ class Engine:
         if self.merged is not None and self.merged in live:
             self.weights = self.base_weights.merged(self.adapters[self.merged])
         self._lora = None
+
+    def refresh(self, merge: str | None = None) -> None:
+        """Re-read all weights of the model (a policy after optimizer steps): the fused base
+        projections and the LoRA adapters; then sample with adapter `merge` merged (or none)."""
+        if self.running or self.waiting:
+            raise RuntimeError("refresh() between generations only")
+        self.base_weights = llama.LlamaWeights(self.model)
+        self.weights, self.merged = self.base_weights, None
+        self.refresh_adapters()
+        self.merge(merge)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         w = self.base_weights
@@ -304,6 +315,7 @@ class Engine:
                 continue
             token = token_list[r]
             if token in self.eos_ids and not seq.params.ignore_eos:
+                seq.eos_token = token
                 self._finish(seq, "stop")
                 continue
             seq.tokens.append(token)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from alignment.generation import Engine, SamplingParams
 from alignment.messages import Message
 from alignment.rl.config import GenerationSettings, PPOConfig, RewardFn
 from alignment.rl.data import pad
@@ -49,6 +50,11 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
 
+def rollout_engine(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> Engine:
+    """The generation engine rollouts sample from (kept by the trainer across steps)."""
+    return Engine(policy, tokenizer, max_batch_size=batch_size, eos_token_ids=[tokenizer.eos_token_id])
+
+
 @torch.no_grad()
 def generate_rollouts(
     policy: nn.Module,
@@ -56,31 +62,23 @@ def generate_rollouts(
     prompt_ids: Sequence[list[int]],
     prompts: Sequence[list[Message]],
     generation: GenerationSettings,
+    engine: Engine | None = None,
 ) -> Rollout:
+    """Sample with the generation engine (alignment.generation) from the policy's current weights,
+    its LoRA merged into a bf16 copy (log-prob drift vs the unmerged policy: bench/README.md).
+    Plain temperature/top_p sampling: exactly the distribution the logprobs describe."""
     device = next(policy.parameters()).device
+    engine = engine or rollout_engine(policy, tokenizer, len(prompt_ids))
+    adapter = policy.active_adapter if hasattr(policy, "peft_config") else None
+    engine.refresh(merge=adapter)  # the policy has changed since the last rollout
+    params = SamplingParams(generation.temperature, generation.top_p, generation.max_new_tokens)
+    seqs = engine.generate(prompt_ids, params, adapter)
+    rows = [s.tokens + ([s.eos_token] if s.eos_token is not None else []) for s in seqs]
     query_ids = pad(prompt_ids, tokenizer.pad_token_id, "left").to(device)
     query_mask = pad([[1] * len(p) for p in prompt_ids], 0, "left").to(device)
-    # top_k=0 and an explicit config: sample from exactly the distribution the logprobs describe,
-    # whatever sampling defaults the checkpoint's generation_config.json carries.
-    config = GenerationConfig(
-        do_sample=True,
-        temperature=generation.temperature,
-        top_p=generation.top_p,
-        top_k=0,
-        max_new_tokens=generation.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    output = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
-    response_ids = output[:, query_ids.shape[1] :]
-    is_eos = response_ids == tokenizer.eos_token_id
-    ended_with_eos = is_eos.any(dim=1)
-    T = response_ids.shape[1]
-    first_eos = torch.where(
-        ended_with_eos, is_eos.int().argmax(dim=1), torch.full_like(ended_with_eos, T - 1, dtype=torch.long)
-    )
-    response_mask = (torch.arange(T, device=device)[None, :] <= first_eos[:, None]).long()
-    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    response_ids = pad(rows, tokenizer.pad_token_id, "right").to(device)
+    response_mask = pad([[1] * len(r) for r in rows], 0, "right").to(device)
+    ended_with_eos = torch.tensor([s.eos_token is not None for s in seqs], device=device)
     responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return Rollout(
         list(prompts), responses, query_ids, query_mask, response_ids, response_mask, ended_with_eos

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from alignment.checkpoints import PPO_TRAINER_STATE
 from alignment.config import ConfigError
 from alignment.data_files import DataError
+from alignment.generation import Engine
 from alignment.messages import Message
 from alignment.policy import load_run_tokenizer
 from alignment.prompts import load_prompts
@@ -37,6 +38,7 @@ from alignment.rl.experience import (
     Experience,
     compute_advantages,
     generate_rollouts,
+    rollout_engine,
     rollout_logprobs_and_values,
     score_rollouts,
 )
@@ -107,6 +109,7 @@ class PPOTrainer:
         self._ptx_batches = self._cycle_ptx()
         self._ptx_used = 0  # batches drawn, so a resumed run draws the same ones next
         self.history: list[dict[str, float]] = []
+        self.engine: Engine | None = None
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -128,7 +131,9 @@ class PPOTrainer:
         self, prompts: list[list[Message]], prompt_ids: list[list[int]]
     ) -> tuple[Experience, dict[str, float]]:
         g = self.ppo.generation
-        rollout = generate_rollouts(self.policy, self.tokenizer, prompt_ids, prompts, g)
+        if self.engine is None:  # one engine (and KV cache) for the whole run
+            self.engine = rollout_engine(self.policy, self.tokenizer, self.ppo.rollout_batch_size)
+        rollout = generate_rollouts(self.policy, self.tokenizer, prompt_ids, prompts, g, self.engine)
         raw_scores, scores = score_rollouts(self.reward_fn, rollout, self.ppo.missing_eos_penalty)
         if self.ppo.score_norm == "running":
             self.score_moments.update(scores)
