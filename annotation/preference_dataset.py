@@ -82,6 +82,8 @@ def build_settings(settings: DatasetSettings) -> rg.Settings:
         guidelines=settings.guidelines,
         fields=[
             rg.ChatField(name="conversation", title="Conversation"),
+            # Markdown stays on: Argilla sanitizes it, while its plain-text field puts the text in the
+            # page as HTML (an `<img onerror>` in a response runs). tests/annotation/test_browser.py
             rg.TextField(name="response_a", title="Response A", use_markdown=True),
             rg.TextField(name="response_b", title="Response B", use_markdown=True),
         ],
