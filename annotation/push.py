@@ -72,31 +72,26 @@ def distance(x: str, y: str) -> float:
 def sample_responses(
     model: Any, tokenizer: Any, prompts: list[list[Message]], settings: PushSettings
 ) -> list[list[str]]:
-    """k sampled completions per prompt with the tokenizer's chat template."""
+    """k sampled completions per prompt with the tokenizer's chat template. All prompts x k run
+    through the generation engine together (continuous batching), not one prompt at a time."""
     import torch
 
+    from alignment.generation import SamplingParams, policy_engine
+
     torch.manual_seed(settings.seed)
-    out: list[list[str]] = []
+    engine = policy_engine(model, tokenizer)
+    params = SamplingParams(settings.temperature, settings.top_p, settings.max_new_tokens)
+    rows = []
+    for messages in prompts:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append([engine.add(ids, params, engine.merged) for _ in range(settings.num_samples)])
     with Progress() as progress:
         task = progress.add_task("sampling responses", total=len(prompts))
-        for messages in prompts:
-            inputs = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            ).to(model.device)
-            with torch.inference_mode():
-                generated = model.generate(
-                    **inputs,
-                    do_sample=True,
-                    temperature=settings.temperature,
-                    top_p=settings.top_p,
-                    max_new_tokens=settings.max_new_tokens,
-                    num_return_sequences=settings.num_samples,
-                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                )
-            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-            out.append([t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)])
-            progress.advance(task)
-    return out
+        while engine.has_work():
+            engine.step()
+            progress.update(task, completed=sum(all(s.done for s in row) for row in rows))
+    return [[s.text.strip() for s in row] for row in rows]
 
 
 def build_pairs(
