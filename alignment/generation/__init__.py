@@ -22,6 +22,7 @@ __all__ = [
     "Sequence",
     "UnsupportedModelError",
     "load_engine",
+    "policy_engine",
 ]
 
 
@@ -33,3 +34,12 @@ def load_engine(
     if backend != "native":
         raise ValueError(f"generation backend {backend!r} is not available; choose 'native'")
     return Engine(model, tokenizer, **kwargs)
+
+
+def policy_engine(model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 16, **kwargs: Any) -> Engine:
+    """An engine that samples `model` as it stands, one adapter for every row: a PEFT model's
+    active adapter is merged into a copy of the weights (pass `engine.merged` as the adapter).
+    Merging moved rollout log-probs no further from the unmerged policy than bf16 noise already
+    does (bench/bench_generation.py reports both)."""
+    adapter = model.active_adapter if hasattr(model, "peft_config") else None
+    return load_engine(model, tokenizer, max_batch_size=max_batch_size, merge_adapter=adapter, **kwargs)
