@@ -39,8 +39,12 @@ def as_prompt(value: Any, where: str) -> list[Message]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def load_prompts(path: Path) -> list[list[Message]]:
-    """Prompts from `prompt` rows, preference pairs (any shape `preference_data` reads) or SFT conversations."""
+def load_prompts(path: str | Path) -> list[list[Message]]:
+    """Prompts from `prompt` rows, preference pairs (any shape `preference_data` reads) or `messages`.
+
+    A `messages` list that ends in a user (or system) turn is one prompt; one that ends in an
+    assistant turn is an SFT conversation (or an Alpaca row), giving a prompt per assistant turn.
+    """
     from alignment.preference_data import to_canonical  # preference_data is the heavier reader
 
     prompts: list[list[Message]] = []
@@ -49,16 +53,29 @@ def load_prompts(path: Path) -> list[list[Message]]:
             prompts.append(to_canonical(row, where)["prompt"])
         elif "prompt" in row:
             prompts.append(as_prompt(row["prompt"], where))
+        elif _is_prompt(row.get("messages")):
+            prompts.append(as_prompt(row["messages"], where))
         elif "messages" in row or "instruction" in row:
             conversation = to_conversation(row, where)
             prompts.extend(ex["prompt"] for ex in to_prompt_completion([conversation]))
         else:
             raise DataError(
-                f"{where}: row has no 'prompt', 'chosen'/'rejected' or 'messages' (keys: {sorted(row)})"
+                f"{where}: expected 'prompt' (text or messages), 'chosen'/'rejected' or 'messages' "
+                f"(keys: {sorted(row)})"
             )
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
+
+
+def _is_prompt(messages: Any) -> bool:
+    """A message list still waiting for its response (the last turn is not the assistant's)."""
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and isinstance(messages[-1], dict)
+        and messages[-1].get("role") != "assistant"
+    )
 
 
 class PromptSampler:

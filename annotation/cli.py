@@ -124,6 +124,7 @@ def push_command(
     overrides: SetOption = None,
 ) -> None:
     """Sample (or read) candidate pairs, score them, and push them uncertainty-first."""
+    from alignment.prompts import load_prompts
     from annotation import push
     from annotation.workspace import resolve_connection
 
@@ -141,7 +142,7 @@ def push_command(
             scorer = RewardScorer.from_pretrained(cfg.push.reward_model)
         dropped = 0
         if prompts is not None:
-            candidates, dropped = push.generated_pairs(push.load_prompts(prompts), cfg.push, scorer)
+            candidates, dropped = push.generated_pairs(load_prompts(prompts), cfg.push, scorer)
         else:
             candidates = push.load_pairs(pairs)  # type: ignore[arg-type]
             if scorer is not None:

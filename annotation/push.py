@@ -18,9 +18,9 @@ from typing import Any
 import argilla as rg
 from rich.progress import Progress
 
-from alignment.data_files import DataError, read_jsonl
+from alignment.data_files import DataError
 from alignment.messages import Message
-from alignment.preference_data import as_messages, load_preference_rows
+from alignment.preference_data import load_preference_rows
 from annotation.config import DatasetSettings, PushSettings
 from annotation.preference_dataset import CandidatePair, build_settings, record_id, to_record
 
@@ -29,22 +29,6 @@ Scorer = Callable[[list[list[Message]], list[str]], list[float]]
 
 
 # --- inputs --------------------------------------------------------------------------------------
-
-
-def load_prompts(path: str | Path) -> list[list[Message]]:
-    """JSONL rows with `prompt` (a string or a message list) or `messages`; errors name file and line."""
-    prompts = []
-    for line, row in read_jsonl(Path(path)):
-        value = row.get("prompt", row.get("messages"))
-        if isinstance(value, str) and value.strip():
-            prompts.append(as_messages(value, "user"))
-        elif isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-            prompts.append([{"role": m.get("role", "user"), "content": m["content"]} for m in value])
-        else:
-            raise DataError(f"{path}:{line}: expected 'prompt' (string or message list) or 'messages'")
-    if not prompts:
-        raise DataError(f"{path}: no prompts")
-    return prompts
 
 
 def load_pairs(path: str | Path, source: str = "file") -> list[CandidatePair]:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import httpx
 
 from alignment.data_files import read_jsonl
+from alignment.prompts import load_prompts
 from serving.config import EvalSettings, GateSettings, LoopConfig
 from serving.feedback_store import FeedbackStore, utcnow
 from serving.ingest import DatasetVersion, ingest, load_version, pair_ids
@@ -69,15 +70,6 @@ class LoopResult:
     eval_result: dict[str, Any] = field(default_factory=dict)
     gate_failures: list[str] = field(default_factory=list)
     swapped: bool = False
-
-
-def load_prompts(path: Path | None) -> list[list[dict[str, str]]]:
-    """Regression prompts: rows with `prompt` as a string or a message list."""
-    out = []
-    for _, row in read_jsonl(path or REGRESSION_PROMPTS):
-        prompt = row["prompt"]
-        out.append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
-    return out
 
 
 def check_gate(result: dict[str, Any], gate: GateSettings) -> list[str]:
@@ -201,9 +193,8 @@ def run_once(
         log.info("resuming %s after a killed turn: evaluating its adapter", version.id)
         adapter = Path(version.adapter_path)
 
-    eval_job = EvalJob(
-        base, adapter, init_adapter, load_prompts(config.eval.prompts), config.eval, output_dir / "eval"
-    )
+    prompts = load_prompts(config.eval.prompts or REGRESSION_PROMPTS)
+    eval_job = EvalJob(base, adapter, init_adapter, prompts, config.eval, output_dir / "eval")
     result = (evaluator or default_evaluator)(eval_job)
     failures = check_gate(result, config.gate)
     registry.set_eval(

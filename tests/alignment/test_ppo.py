@@ -132,12 +132,14 @@ def test_prompts_come_from_prompt_rows_preference_pairs_and_sft_conversations(tm
         {"chosen": "\n\nHuman: Hello?\n\nAssistant: Hi!", "rejected": "\n\nHuman: Hello?\n\nAssistant: Go away."},
         {"messages": [{"role": "user", "content": "1?"}, {"role": "assistant", "content": "one"},
                       {"role": "user", "content": "2?"}, {"role": "assistant", "content": "two"}]},
+        {"messages": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "3?"}]},
     ]  # fmt: skip
     path.write_text("\n".join(json.dumps(r) for r in rows))
     prompts = load_prompts(path)
-    assert [p[-1]["content"] for p in prompts] == ["Say hi.", "Why?", "Pick one.", "Hello?", "1?", "2?"]
+    assert [p[-1]["content"] for p in prompts] == ["Say hi.", "Why?", "Pick one.", "Hello?", "1?", "2?", "3?"]
     assert prompts[1][0] == {"role": "system", "content": "Be brief."}
-    assert len(prompts[-1]) == 3  # the second user turn keeps its conversation
+    assert len(prompts[-2]) == 3  # the second user turn keeps its conversation
+    assert len(prompts[-1]) == 2  # messages still waiting for a response are the prompt as they are
 
 
 def test_bad_prompt_rows_name_file_and_line(tmp_path: Path) -> None:
@@ -146,7 +148,7 @@ def test_bad_prompt_rows_name_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bad\.jsonl:2: .*assistant"):
         load_prompts(path)
     path.write_text('{"prompt": "ok"}\n{"question": "where?"}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: row has no 'prompt'"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: expected 'prompt'"):
         load_prompts(path)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from alignment.data_files import DataError
+from alignment.prompts import load_prompts
 from annotation.config import PushSettings
-from annotation.push import build_pairs, distance, generated_pairs, load_prompts, score_pairs
+from annotation.push import build_pairs, distance, generated_pairs, score_pairs
 
 PROMPTS = [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Count to three."}]]
 
