@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 CLIENT_KEY = "test-client-key"
 ADMIN_KEY = "test-admin-key"
+TEST_LIMITS = {"max_tokens": 64, "default_max_tokens": 16, "max_n": 4, "max_request_bytes": 20000}
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
@@ -129,7 +131,7 @@ def serve_config(tmp: Path, model: Path, **overrides: object):
             "store_url": f"sqlite:///{tmp / 'feedback.db'}",
             "auth": {"api_keys": [CLIENT_KEY], "admin_key": ADMIN_KEY},
             "batching": {"max_batch_size": 16, "max_wait_ms": 5},
-            "limits": {"max_tokens": 64, "default_max_tokens": 16, "max_n": 4, "max_request_bytes": 20000},
+            "limits": TEST_LIMITS,
             **overrides,
         }
     )
@@ -155,6 +157,30 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     thread.join(timeout=10)
     engine.close()
     store.close()
+
+
+@contextmanager
+def app_server(server: RunningServer, tmp: Path, model: Path, **overrides: object) -> Iterator[str]:
+    """Another app over the module server's engine and store, with its own settings."""
+    from serving.api import create_app
+
+    settings = serve_config(tmp, model, **overrides)
+    uvicorn_server, thread, url = start_server(create_app(settings, server.engine, server.store))
+    try:
+        yield url
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def open_server(
+    server: RunningServer, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """No rate limits and the docs on: for the tests that send many requests."""
+    limits = TEST_LIMITS | {"requests_per_minute": 0, "feedback_per_minute": 0}
+    with app_server(server, tmp_path_factory.mktemp("open"), tiny_model, limits=limits, api_docs=True) as url:
+        yield url
 
 
 @pytest.fixture

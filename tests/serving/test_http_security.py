@@ -13,8 +13,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,39 +23,15 @@ from tests.serving.conftest import (
     ADMIN_KEY,
     CLIENT_KEY,
     RunningServer,
+    app_server,
     free_port,
     serve_config,
-    start_server,
 )
 
 LIMITS = {"max_tokens": 64, "default_max_tokens": 4, "max_n": 4, "max_request_bytes": 20000}
 AUTH = {"api_keys": [CLIENT_KEY], "admin_key": ADMIN_KEY}
 KEY = {"Authorization": f"Bearer {CLIENT_KEY}"}
 CHAT = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-@contextmanager
-def app_server(server: RunningServer, tmp: Path, model: Path, **overrides: object) -> Iterator[str]:
-    """Another app over the module server's engine and store, with its own settings."""
-    from serving.api import create_app
-
-    settings = serve_config(tmp, model, **overrides)
-    uvicorn_server, thread, url = start_server(create_app(settings, server.engine, server.store))
-    try:
-        yield url
-    finally:
-        uvicorn_server.should_exit = True
-        thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def open_server(
-    server: RunningServer, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """No rate limits and the docs on: for the tests that send many requests."""
-    limits = LIMITS | {"requests_per_minute": 0, "feedback_per_minute": 0}
-    with app_server(server, tmp_path_factory.mktemp("open"), tiny_model, limits=limits, api_docs=True) as url:
-        yield url
 
 
 def raw_exchange(
