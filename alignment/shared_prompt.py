@@ -13,9 +13,19 @@ packed row is
 with position ids that restart where each sequence would have them and a mask under which every
 token sees exactly the context it has in its own full sequence: a pair's tokens see the batch prefix
 and their own pair, and a rejected token never sees its chosen twin. The numbers are those of the
-2B full sequences, for the cost of their distinct tokens. Rows hold about `row_tokens` tokens
-(attention over a row costs its length squared), filled evenly. The DPO trainer (log-probs of completion tokens)
-and the reward trainer (a score at each side's last token) both run their pairs this way.
+2B full sequences, for the cost of their distinct tokens. Rows hold about `row_tokens` tokens,
+filled evenly. The DPO trainer (log-probs of completion tokens), the reward trainer (a score at each
+side's last token) and the reward scorer all run their pairs this way.
+
+Attention costs what the sequences cost (`segment_attention`): the model's attention is switched to
+SEGMENT_ATTENTION (`use_segment_attention`) and the forward gets `pair_segments=packed.segments`
+instead of a (rows, 1, T, T) mask. Each layer then attends per sequence: the batch prefix over itself,
+[prefix | prompt | chosen] causally, and the rejected tokens over [prefix | prompt | rejected]. No
+rows x heads x T x T score tensor of a whole row is built, and padding costs nothing. On CPU each
+segment runs eager attention (its backward is plain matmuls: measured faster than PyTorch's CPU
+flash kernel, whose backward took 30% of a long-pair reward step with the full-row mask, and
+flex attention has no CPU backward in torch 2.13); on GPUs each segment is one SDPA call. Without
+`pair_segments` the same attention is plain SDPA, so unpacked calls still work.
 """
 
 from __future__ import annotations
@@ -24,7 +34,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+SEGMENT_ATTENTION = "prefloop_segments"
 ROW_TOKENS = 256  # measured: a little faster than 512 on SmolLM2 (less attention over masked blocks)
 
 
@@ -61,13 +75,40 @@ class PairPlace:
 class PackedPairs:
     input_ids: torch.Tensor  # (rows, T), right-padded with pad_id
     position_ids: torch.Tensor  # (rows, T)
-    attention_mask: torch.Tensor  # (rows, 1, T, T) bool, True = may attend
     token_mask: torch.Tensor  # (rows, T) long, 1 for real tokens, 0 for padding
     places: list[PairPlace]
+    pair: torch.Tensor  # (rows, T) the pair of each token; -1: batch prefix, -2: padding
+    chosen_token: torch.Tensor  # (rows, T) bool
+    rejected_token: torch.Tensor  # (rows, T) bool
 
     @property
     def width(self) -> int:
         return self.input_ids.shape[1]
+
+    @property
+    def segments(self) -> torch.Tensor:
+        """(B, 6) long: row, start, prefix, prompt, chosen, rejected of each pair (`segment_attention`)."""
+        return torch.tensor(
+            [[p.row, p.start, p.prefix, p.prompt, p.chosen, p.rejected] for p in self.places],
+            dtype=torch.long,
+        )
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(rows, 1, T, T) bool, True = may attend: the same context as a ready 4-D mask (eager/SDPA)."""
+        width = self.width
+        device = self.input_ids.device
+        q = torch.arange(width, device=device)[:, None]
+        k = torch.arange(width, device=device)[None, :]
+        pair_q, pair_k = self.pair[:, :, None], self.pair[:, None, :]
+        real_k = pair_k != -2
+        mask = (
+            (k <= q)
+            & real_k
+            & ((pair_k == -1) | (pair_k == pair_q) | (pair_q == -2))  # padding queries look at anything real
+            & ~(self.rejected_token[:, :, None] & self.chosen_token[:, None, :])
+        )
+        return mask[:, None]
 
     def flat(self, place: PairPlace, index: torch.Tensor | int) -> torch.Tensor:
         return place.row * self.width + torch.as_tensor(index, device=self.input_ids.device)
@@ -152,17 +193,8 @@ def pack_pairs(
         pair[place.row, place.start : place.end] = b
         chosen_token[place.row, place.chosen_start : place.rejected_start] = True
         rejected_token[place.row, place.rejected_start : place.end] = True
-    q = torch.arange(width, device=device)[:, None]
-    k = torch.arange(width, device=device)[None, :]
-    pair_q, pair_k = pair[:, :, None], pair[:, None, :]
-    real_k = pair_k != -2
-    mask = (
-        (k <= q)
-        & real_k
-        & ((pair_k == -1) | (pair_k == pair_q) | (pair_q == -2))  # padding queries look at anything real
-        & ~(rejected_token[:, :, None] & chosen_token[:, None, :])
-    )
-    return PackedPairs(input_ids, position_ids, mask[:, None], real_k[:, 0].long(), places)
+    token_mask = (pair != -2).long()
+    return PackedPairs(input_ids, position_ids, token_mask, places, pair, chosen_token, rejected_token)
 
 
 def mask_for_attention(mask: torch.Tensor, model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -175,3 +207,90 @@ def mask_for_attention(mask: torch.Tensor, model: torch.nn.Module, dtype: torch.
             ~mask, torch.finfo(dtype).min
         )
     return mask
+
+
+# --- attention per sequence ---------------------------------------------------------------------------
+
+
+def _causal_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """(H, Lq, D) queries that are the last Lq of Lk keys, each seeing the keys up to its own position."""
+    lq, lk = query.shape[-2], key.shape[-2]
+    if query.device.type != "cpu":
+        mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=lq == lk, scale=scaling
+        )
+    # Eager, as transformers' eager attention computes it (fp32 softmax), for one sequence's keys only.
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    future = torch.ones(lq, lk, dtype=torch.bool, device=query.device).triu(lk - lq + 1)
+    scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value)
+
+
+def segment_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    pair_segments: torch.Tensor | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention over packed pairs, one sequence at a time (module docstring); SDPA without segments.
+
+    query (rows, H, T, D), key/value (rows, KV heads, T, D); returns (rows, T, H, D) like transformers'
+    attention functions. Padding positions get zeros.
+    """
+    if pair_segments is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows, heads, width, dim = query.shape
+    groups = heads // key.shape[1]
+    scale = scaling if scaling is not None else dim**-0.5
+
+    def kv(row: int, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts_k = [key[row, :, a:b] for a, b in spans if b > a]
+        parts_v = [value[row, :, a:b] for a, b in spans if b > a]
+        k, v = (torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in (parts_k, parts_v))
+        return k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+
+    by_row: dict[int, list[list[int]]] = {}
+    for segment in pair_segments.tolist():
+        by_row.setdefault(segment[0], []).append(segment)
+    outputs = []
+    for row in range(rows):
+        pieces, used = [], 0
+        for _, start, prefix, prompt, chosen, rejected in by_row.get(row, []):
+            if used == 0 and prefix:  # the batch prefix, once per row
+                k, v = kv(row, [(0, prefix)])
+                pieces.append(_causal_attention(query[row, :, :prefix], k, v, scale))
+                used = prefix
+            chosen_end = start + prompt + chosen
+            k, v = kv(row, [(0, prefix), (start, chosen_end)])
+            pieces.append(_causal_attention(query[row, :, start:chosen_end], k, v, scale))
+            k, v = kv(row, [(0, prefix), (start, start + prompt), (chosen_end, chosen_end + rejected)])
+            pieces.append(_causal_attention(query[row, :, chosen_end : chosen_end + rejected], k, v, scale))
+            used = chosen_end + rejected
+        if used < width:
+            pieces.append(query.new_zeros(heads, width - used, dim))
+        outputs.append(torch.cat(pieces, dim=1))
+    return torch.stack(outputs).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_ATTENTION, sdpa_mask)  # unpacked calls: SDPA's masks
+
+
+def use_segment_attention(model: PreTrainedModel) -> None:
+    """Switch a model (and its sub-models) to SEGMENT_ATTENTION: packed calls pass `pair_segments`."""
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+
+
+def uses_segment_attention(model: torch.nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == SEGMENT_ATTENTION

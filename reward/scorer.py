@@ -3,9 +3,14 @@
     scorer = RewardScorer.from_pretrained("runs/reward")
     scorer(["What is 2+2?"], ["Ahoy! 4. Fair winds!"])   # -> [1.73]
 
+    chosen, rejected = scorer.score_pairs(prompts, chosen_texts, rejected_texts)   # a pair per packed row
+
 Texts are rendered with the same chat template the reward trainer used, sorted by length so each
 batch pads as little as possible, and run in bf16 where the hardware has it. A scorer is a plain
 `(prompts, responses) -> rewards` callable, which is what PPO/GRPO and the serving loop take.
+`score_pairs` runs a pair's shared prompt once: [prompt | chosen | rejected] in one row under the
+mask of `alignment.shared_prompt` (rejected never sees chosen), the reward read at each side's last
+token, exactly as the reward trainer computes it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from alignment.devices import DevicePlan, plan_device
-from alignment.models import ModelError, load_causal_lm, load_tokenizer
+from alignment.models import ModelError, check_adapter, load_causal_lm, load_tokenizer
+from alignment.shared_prompt import PackedPairs, pack_pairs, use_segment_attention
+from alignment.trl_compat import common_prefix_length
 
 Prompt = str | list[dict[str, str]]
 
@@ -26,6 +33,37 @@ Prompt = str | list[dict[str, str]]
 def conversation(prompt: Prompt, response: str) -> list[dict[str, str]]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return [*messages, {"role": "assistant", "content": response}]
+
+
+def shared_length(chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    """Tokens the two sides share up front, keeping at least one of its own per side (the score is read there)."""
+    return min(common_prefix_length(list(chosen), list(rejected)), len(chosen) - 1, len(rejected) - 1)
+
+
+def split_pair(chosen: Sequence[int], rejected: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """(shared prompt, chosen rest, rejected rest) token tensors of one pair."""
+    n = shared_length(chosen, rejected)
+    return torch.tensor(chosen[:n]), torch.tensor(chosen[n:]), torch.tensor(rejected[n:])
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def packed_pair_scores(model: torch.nn.Module, packed: PackedPairs) -> torch.Tensor:
+    """(2B, 1) rewards of packed pairs, chosen half then rejected half: the score head at each side's
+    last token. `model` is a sequence-classification model (PEFT-wrapped or not)."""
+    inner = unwrapped(model)
+    transformer = inner.base_model
+    device = transformer.get_input_embeddings().weight.device
+    hidden = transformer(
+        input_ids=packed.input_ids.to(device),
+        position_ids=packed.position_ids.to(device),
+        pair_segments=packed.segments,  # needs `use_segment_attention(model)`
+        use_cache=False,
+    ).last_hidden_state
+    return inner.score(hidden.reshape(-1, hidden.shape[-1])[packed.last_token_index().to(device)])
 
 
 def base_model_of(path: Path) -> str | None:
@@ -46,7 +84,7 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None) -> torch
         from peft import PeftModel
 
         base = load_causal_lm(base_name, plan, model_cls=AutoModelForSequenceClassification, num_labels=1)
-        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        model = PeftModel.from_pretrained(base, check_adapter(path)).merge_and_unload()
     else:
         model = load_causal_lm(path, plan, model_cls=AutoModelForSequenceClassification, num_labels=1)
     if model.config.num_labels != 1:
@@ -68,6 +106,7 @@ class RewardScorer:
         self.max_length = max_length
         # The sequence-classification head reads the reward at the last non-pad token.
         model.config.pad_token_id = tokenizer.pad_token_id
+        use_segment_attention(unwrapped(model))  # packed pairs attend per sequence; others get SDPA
 
     @classmethod
     def from_pretrained(
@@ -108,6 +147,36 @@ class RewardScorer:
             for row, i in enumerate(batch):
                 rewards[i] = float(logits[row, 0])
         return rewards
+
+    @torch.inference_mode()
+    def score_pair_ids(
+        self, chosen: list[list[int]], rejected: list[list[int]]
+    ) -> tuple[list[float], list[float]]:
+        """Rewards of (chosen, rejected) token-id pairs, one packed row a pair, longest batches first."""
+        if len(chosen) != len(rejected):
+            raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected")
+        parts = [split_pair(c, r) for c, r in zip(chosen, rejected, strict=True)]
+        order = sorted(range(len(parts)), key=lambda i: -sum(len(t) for t in parts[i]))
+        chosen_rewards, rejected_rewards = [0.0] * len(parts), [0.0] * len(parts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            packed = pack_pairs(
+                *([parts[i][k] for i in batch] for k in range(3)),
+                pad_id=self.tokenizer.pad_token_id,
+                across_pairs=False,
+            )
+            scores = packed_pair_scores(self.model, packed).float().squeeze(-1).tolist()
+            for row, i in enumerate(batch):
+                chosen_rewards[i], rejected_rewards[i] = scores[row], scores[len(batch) + row]
+        return chosen_rewards, rejected_rewards
+
+    def score_pairs(
+        self, prompts: Sequence[Prompt], chosen: Sequence[str], rejected: Sequence[str]
+    ) -> tuple[list[float], list[float]]:
+        """Rewards of each prompt's chosen and rejected response; the prompt runs once per pair."""
+        if not (len(prompts) == len(chosen) == len(rejected)):
+            raise ValueError(f"{len(prompts)} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+        return self.score_pair_ids(self.tokenize(prompts, chosen), self.tokenize(prompts, rejected))
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         return self.score_ids(self.tokenize(prompts, responses))

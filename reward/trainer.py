@@ -33,10 +33,10 @@ from datasets import Dataset
 from pydantic import Field
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-from trl import RewardConfig, RewardTrainer
-from trl.data_utils import common_prefix_length
+from trl import RewardConfig
 
 from alignment.config import StrictModel
+from alignment.launch import run_training
 from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.preference_data import PreferenceDataSettings, prepare_preferences
@@ -46,13 +46,13 @@ from alignment.runner import (
     data_fingerprint,
     device_plan,
     lora_config,
-    run_training,
     training_arguments,
     write_model_card,
 )
-from alignment.shared_prompt import mask_for_attention, pack_pairs
+from alignment.shared_prompt import pack_pairs, use_segment_attention
+from alignment.trl_compat import ExtraColumnsRewardTrainer
 from reward.metrics import reward_metrics, write_reward_metrics
-from reward.scorer import RewardScorer
+from reward.scorer import RewardScorer, shared_length, split_pair
 
 log = logging.getLogger(__name__)
 
@@ -80,35 +80,24 @@ class PackedPairCollator:
     """Pairs -> packed rows (`alignment.shared_prompt.pack_pairs`): shared prompt tokens once, then each side.
 
     `attention_mask` stays a (rows, T) mask of real tokens, which TRL counts for its token metric; the
-    model reads the (B, 1, T, T) `pair_mask` and scores the rows at `score_index`.
+    model attends per sequence along `pair_segments` and scores the rows at `score_index`.
     """
 
     pad_token_id: int
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts, chosen, rejected = [], [], []
-        for ex in examples:
-            c, r = ex["chosen_ids"], ex["rejected_ids"]
-            n = shared_length(c, r)
-            prompts.append(torch.tensor(c[:n]))
-            chosen.append(torch.tensor(c[n:]))
-            rejected.append(torch.tensor(r[n:]))
-        packed = pack_pairs(prompts, chosen, rejected, self.pad_token_id)
+        parts = [split_pair(ex["chosen_ids"], ex["rejected_ids"]) for ex in examples]
+        packed = pack_pairs(*(list(p) for p in zip(*parts, strict=True)), pad_id=self.pad_token_id)
         batch = {
             "input_ids": packed.input_ids,
             "position_ids": packed.position_ids,
             "attention_mask": packed.token_mask,
-            "pair_mask": packed.attention_mask,
+            "pair_segments": packed.segments,
             "score_index": packed.last_token_index(),
         }
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float)
         return batch
-
-
-def shared_length(chosen: list[int], rejected: list[int]) -> int:
-    """Tokens the two sides share up front, keeping at least one of its own per side (the score is read there)."""
-    return min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
 
 
 def packed_length(example: dict[str, Any]) -> int:
@@ -118,7 +107,7 @@ def packed_length(example: dict[str, Any]) -> int:
 
 
 def add_packed_pair_scoring(model: PreTrainedModel) -> None:
-    """Let a sequence-classification model score packed pairs: `model(..., pair_mask=, score_index=)`.
+    """Let a sequence-classification model score packed pairs: `model(..., pair_segments=, score_index=)`.
 
     Returns the scores at `score_index` as `logits` (2B, 1), chosen half then rejected half, which is
     the layout TRL's `RewardTrainer.compute_loss` reads. Patched on the model itself, so the call
@@ -131,18 +120,18 @@ def add_packed_pair_scoring(model: PreTrainedModel) -> None:
         self: PreTrainedModel,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        pair_mask: torch.Tensor | None = None,
+        pair_segments: torch.Tensor | None = None,
         score_index: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         kwargs.pop("margin", None)
-        if pair_mask is None:
+        if pair_segments is None:
             return original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         for unused in ("use_cache", "labels", "output_attentions", "output_hidden_states", "return_dict"):
             kwargs.pop(unused, None)
-        mask = mask_for_attention(pair_mask, self, transformer.get_input_embeddings().weight.dtype)
+        # No mask: the segment attention (`alignment.shared_prompt`) attends per sequence.
         hidden = transformer(
-            input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs
+            input_ids=input_ids, pair_segments=pair_segments, use_cache=False, **kwargs
         ).last_hidden_state
         scores = self.score(hidden.reshape(-1, hidden.shape[-1])[score_index])
         return SequenceClassifierOutputWithPast(logits=scores)
@@ -150,21 +139,16 @@ def add_packed_pair_scoring(model: PreTrainedModel) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-class PrefloopRewardTrainer(RewardTrainer):
+class PrefloopRewardTrainer(ExtraColumnsRewardTrainer):
     """TRL's RewardTrainer plus a `length` column (for HF's length-grouped sampler) and the packed
     pair inputs of `PackedPairCollator`."""
 
-    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if isinstance(dataset, Dataset) and "length" not in dataset.column_names:
-            dataset = dataset.map(
-                lambda ex: {"length": packed_length(ex)}, desc=f"Measuring {dataset_name} lengths"
-            )
-        return dataset
+    extra_columns = ("length",)
 
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "length"]
+    def add_columns(self, dataset: Dataset, name: str) -> Dataset:
+        if "length" in dataset.column_names:
+            return dataset
+        return dataset.map(lambda ex: {"length": packed_length(ex)}, desc=f"Measuring {name} lengths")
 
 
 def with_margin(dataset: Dataset, scale: float) -> Dataset:
@@ -181,8 +165,15 @@ def reward_model(config: RewardRunConfig) -> torch.nn.Module:
         model_cls=AutoModelForSequenceClassification,
         num_labels=1,
     )
+    use_segment_attention(model)
     add_packed_pair_scoring(model)
     return model
+
+
+def evaluates_during_training(config: RewardRunConfig) -> bool:
+    """Per-epoch (or per-N-steps) evaluation only where something reads it: early stopping, or asked for."""
+    t = config.training
+    return t.early_stopping_patience is not None or t.eval_steps is not None
 
 
 def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
@@ -192,6 +183,9 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
     if config.reward.agreement_margin > 0:
         train = with_margin(train, config.reward.agreement_margin)
         eval_ds = with_margin(eval_ds, config.reward.agreement_margin) if eval_ds is not None else None
+    # The held-out pairs are otherwise scored once, after training (`train_reward`).
+    if not evaluates_during_training(config):
+        eval_ds = None
     has_eval = eval_ds is not None
     args = training_arguments(
         RewardConfig,
@@ -221,25 +215,24 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
 
 
 def evaluate_pairs(scorer: RewardScorer, dataset: Dataset) -> dict[str, Any]:
-    """Score each held-out pair's two sides and compute accuracy, margin, length bias and calibration."""
+    """Score each held-out pair (one packed row a pair: the prompt runs once) and compute accuracy,
+    margin, length bias and calibration."""
     prompts = list(dataset["prompt"])
     chosen = [msgs[-1]["content"] for msgs in dataset["chosen"]]
     rejected = [msgs[-1]["content"] for msgs in dataset["rejected"]]
-    ids = scorer.tokenize(prompts + prompts, chosen + rejected)
-    rewards = scorer.score_ids(ids)
+    chosen_rewards, rejected_rewards = scorer.score_pairs(prompts, chosen, rejected)
+    lengths = [len(ids) for ids in scorer.tokenizer(chosen + rejected, add_special_tokens=False)["input_ids"]]
     n = len(prompts)
-    lengths = [
-        len(scorer.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in chosen + rejected
-    ]
-    return reward_metrics(rewards[:n], rewards[n:], lengths[:n], lengths[n:])
+    return reward_metrics(chosen_rewards, rejected_rewards, lengths[:n], lengths[n:])
 
 
 def train_reward(config: RewardRunConfig) -> dict[str, Any]:
-    """Train, save the adapter, then evaluate it on the held-out pairs (JSON + PNG in output_dir)."""
+    """Train, save the adapter, then evaluate it once on the held-out pairs; those numbers go into
+    metrics.json, the model card and the eval report (JSON + PNG in output_dir)."""
     data_paths = [p for p in (config.data.train, config.data.eval) if p]
-    metrics = run_training(config, "reward", build_reward_trainer, data_paths)
     tokenizer = load_tokenizer(config.model)
     _, eval_ds, _ = prepare_preferences(config.data, tokenizer)
+    metrics = run_training(config, "reward", build_reward_trainer, data_paths)
     if eval_ds is not None:
         scorer = RewardScorer.from_pretrained(
             config.output_dir, device_plan(config), batch_size=config.reward.eval_batch_size

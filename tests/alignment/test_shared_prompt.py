@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignment.shared_prompt import mask_for_attention, pack_pairs
+from alignment.shared_prompt import mask_for_attention, pack_pairs, use_segment_attention
 
 
 def sequences() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -35,18 +35,38 @@ def completion_log_probs(
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def packed_hidden(model: torch.nn.Module, packed, attention: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The packed rows' final hidden states: per-sequence attention, or the full-row mask (eager/SDPA)."""
+    if attention == "segments":
+        return model.model(
+            input_ids=packed.input_ids, position_ids=packed.position_ids, pair_segments=packed.segments
+        ).last_hidden_state
+    return model.model(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        attention_mask=mask_for_attention(packed.attention_mask, model, torch.float32),
+    ).last_hidden_state
+
+
+@pytest.mark.parametrize("attention", ["segments", "eager", "sdpa"])  # how the packed rows attend
+@pytest.mark.parametrize("reference", ["eager", "sdpa"])  # how the full sequences attend
 @pytest.mark.parametrize("row_tokens", [512, 20])  # one row for all pairs / a row per pair or two
 @pytest.mark.parametrize("shared_system", [True, False])
 @pytest.mark.parametrize("across_pairs", [True, False])
 def test_packed_log_probs_equal_full_sequences(
-    tiny_model: Path, attention: str, row_tokens: int, shared_system: bool, across_pairs: bool
+    tiny_model: Path, attention: str, reference: str, row_tokens: int, shared_system: bool, across_pairs: bool
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model, dtype=torch.float32, attn_implementation=attention
-    ).eval()
+    def load(implementation: str) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(
+            tiny_model, dtype=torch.float32, attn_implementation=implementation
+        ).eval()
+
+    model = load("sdpa" if attention == "segments" else attention)
+    if attention == "segments":
+        use_segment_attention(model)
+    full_model = load(reference)
     prompts, chosen, rejected = sequences()
     if not shared_system:  # no batch prefix at all
         prompts = [torch.cat([torch.tensor([b + 1]), p]) for b, p in enumerate(prompts)]
@@ -57,15 +77,11 @@ def test_packed_log_probs_equal_full_sequences(
     else:
         assert packed.input_ids.shape[0] == len(prompts) and packed.places[0].prefix == 0
     with torch.no_grad():
-        hidden = model.model(
-            input_ids=packed.input_ids,
-            position_ids=packed.position_ids,
-            attention_mask=mask_for_attention(packed.attention_mask, model, torch.float32),
-        ).last_hidden_state
+        hidden = packed_hidden(model, packed, attention)
         for b, place in enumerate(packed.places):
             for side, completion in (("chosen", chosen[b]), ("rejected", rejected[b])):
                 full = torch.cat([prompts[b], completion])[None]
-                logits = model(input_ids=full).logits[0, len(prompts[b]) - 1 : -1].float()
+                logits = full_model(input_ids=full).logits[0, len(prompts[b]) - 1 : -1].float()
                 expected = logits.log_softmax(-1).gather(-1, completion[:, None]).squeeze(-1)
                 got = completion_log_probs(model, hidden, packed.predictor_index(place, side), completion)
                 torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=f"pair {b} {side}")

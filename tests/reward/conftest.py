@@ -75,14 +75,29 @@ def tiny_reward_overrides(tiny_model: Path, output_dir: Path, train: Path, eval_
 def trained(
     tiny_model: Path, marker_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple:
-    """(run dir, metrics) of a tiny reward model trained on the marker task through `prefloop train reward`."""
+    """(run dir, metrics, sequences scored in eval mode) of a tiny reward model trained on the marker task
+    through `prefloop train reward`. The last counts every sequence the reward head scored outside
+    training (any module call, whichever code path: TRL's evaluate, the scorer, ...)."""
     from typer.testing import CliRunner
 
     from serving.cli import app
 
+    scored: list[int] = []
+
+    def count(module: torch.nn.Module, args: object, output: object) -> None:
+        # The reward head is the one Linear with a single output; (N, 1) packed or (B, T, 1) padded.
+        if isinstance(module, torch.nn.Linear) and module.out_features == 1 and not module.training:
+            scored.append(output.shape[0])  # type: ignore[attr-defined]
+
     out = tmp_path_factory.mktemp("reward-run")
     overrides = tiny_reward_overrides(tiny_model, out, marker_data["train"], marker_data["eval"])
-    result = CliRunner().invoke(app, ["train", "reward", *(arg for o in overrides for arg in ("--set", o))])
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        result = CliRunner().invoke(
+            app, ["train", "reward", *(arg for o in overrides for arg in ("--set", o))]
+        )
+    finally:
+        hook.remove()
     assert result.exit_code == 0, result.output
     assert "heldout_accuracy" in result.stdout
-    return out, json.loads((out / "metrics.json").read_text())
+    return out, json.loads((out / "metrics.json").read_text()), sum(scored)
