@@ -15,7 +15,6 @@ can never point outside the model cache (`alignment.paths.contained`).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -204,8 +203,6 @@ def pull_model(name: str, force: bool = False) -> Path:
     return target
 
 
-# A hub id is `name` or `org/name` of letters, digits, '-', '_', '.' (the hub's own rule), never `..`.
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 # Unpickling one of these runs arbitrary code: refused, safetensors only.
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
@@ -223,12 +220,16 @@ def resolve_model(name_or_path: str | Path) -> str:
                 f"{path}: not a model or adapter directory (no config.json or adapter_config.json)"
             )
         return str(path)
-    if not HUB_ID.fullmatch(name) or ".." in name.split("/"):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
         # Not a directory here, and the hub cache would turn it into a path: `../../etc` stays out.
+        validate_repo_id(name)
+    except HFValidationError:
         raise ModelError(
             f"model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), not an existing "
             "directory, and not a valid Hugging Face model id (org/name)"
-        )
+        ) from None
     return name
 
 

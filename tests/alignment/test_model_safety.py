@@ -58,8 +58,12 @@ def test_trust_remote_code_is_off_by_default_in_every_config() -> None:
 def model_with_code(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     """tiny-random plus an `auto_map` pointing at code of its own, which leaves a marker when it runs."""
     import transformers.dynamic_module_utils as dynamic
+    from transformers import LlamaConfig
 
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf-modules"))  # not the user's cache
+    # Trusted code registers its config class for AutoConfig; here that class is LlamaConfig itself,
+    # so undo it after the test (else every later save_pretrained of a Llama looks for custom code).
+    monkeypatch.setattr(LlamaConfig, "_auto_class", None)
     marker = tmp_path / "remote-code-ran"
     model = tmp_path / "model-with-code"
     model.mkdir()
@@ -157,8 +161,9 @@ def test_model_names_cannot_leave_the_model_cache(name: str, isolated_home: Path
 def test_cache_lookup_refuses_path_like_names_that_are_not_directories(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not a valid Hugging Face model id"):
         resolve_model("../../no-such-dir/../etc")
-    with pytest.raises(ModelError, match="not a valid Hugging Face model id"):
-        resolve_model("org/../../name")
+    for name in ("org/../../name", "./no-such-dir", "a/b/c", ".hidden"):
+        with pytest.raises(ModelError, match="not a valid Hugging Face model id"):
+            resolve_model(name)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert model_dir("tiny-random").name == "tiny-random"
 
