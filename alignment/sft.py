@@ -18,9 +18,11 @@ from trl import SFTConfig, SFTTrainer
 
 from alignment.config import StrictModel
 from alignment.data_files import DataError
+from alignment.devices import plan_device
+from alignment.launch import run_training
 from alignment.lora_precision import apply_mixed_precision
-from alignment.models import load_causal_lm, load_tokenizer
-from alignment.runner import RunConfig, callbacks, device_plan, lora_config, run_training, training_arguments
+from alignment.models import load_causal_lm, load_tokenizer, load_with_adapter
+from alignment.runner import RunConfig, callbacks, device_plan, lora_config, training_arguments
 from alignment.sft_curation import CurationSettings, Scorer, curate_for_training
 from alignment.sft_data import load_conversations, to_prompt_completion
 
@@ -94,10 +96,15 @@ def build_datasets(
 
 
 def build_sft_trainer(config: SFTRunConfig) -> SFTTrainer:
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     train, eval_ds, stats = build_datasets(config, tokenizer)
     log.info("SFT data: %s", stats)
-    model = load_causal_lm(config.model, device_plan(config), quantization=config.lora.quantization)
+    model = load_causal_lm(
+        config.model,
+        device_plan(config),
+        quantization=config.lora.quantization,
+        trust_remote_code=config.trust_remote_code,
+    )
     has_eval = eval_ds is not None and len(eval_ds) > 0
     args = training_arguments(
         SFTConfig,
@@ -139,9 +146,8 @@ def train_sft(config: SFTRunConfig, scorers: Mapping[str, Scorer] | None = None)
 
 def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     """Fold the LoRA weights into the base model and save plain safetensors (for serving without PEFT)."""
-    from peft import AutoPeftModelForCausalLM
-
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir))
+    # dtype "auto": the base's own dtype, as AutoPeftModelForCausalLM used to load it
+    model = load_with_adapter(None, adapter_dir, plan_device("fp32"), dtype="auto")
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(adapter_dir).save_pretrained(out_dir)
