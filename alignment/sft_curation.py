@@ -37,9 +37,9 @@ from pydantic import Field, field_validator
 from alignment import dedup
 from alignment.config import StrictModel
 from alignment.data_files import DataError, write_jsonl
+from alignment.messages import Message
 from alignment.sft_data import to_conversation
 
-Message = dict[str, str]
 Scorer = Callable[[list[list[Message]], list[str]], list[float]]
 
 # Refusals and assistant boilerplate that teach a model to dodge; regexes, matched case-insensitively.

@@ -36,6 +36,7 @@ from pydantic import Field
 from alignment.config import StrictModel
 from alignment.data_files import read_rows
 from alignment.devices import DevicePlan, DTypeName, plan_device
+from alignment.messages import Message
 from alignment.models import DEFAULT_MODEL, adapter_base_model, load_tokenizer, load_with_adapter
 from alignment.preference_data import (
     EXAMPLE_PREFERENCES,
@@ -49,7 +50,7 @@ from alignment.sft_data import load_conversations, to_prompt_completion
 from reward.judge import JudgeSettings, LLMJudge
 from reward.win_rate import outcomes, win_rate_with_ci
 
-Messages = list[dict[str, str]]
+Messages = list[Message]
 Scorer = Callable[[list[Any], list[str]], list[float]]
 
 

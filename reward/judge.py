@@ -30,8 +30,9 @@ import httpx
 from pydantic import Field, model_validator
 
 from alignment.config import ConfigError, StrictModel
+from alignment.messages import Message
 
-Messages = list[dict[str, str]]
+Messages = list[Message]
 Verdict = Literal["A", "B", "tie"]
 
 DEFAULT_RUBRIC = (
