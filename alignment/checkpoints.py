@@ -6,7 +6,7 @@ What counts as complete depends on who wrote it:
 - HF `Trainer` writes the weights, optimizer, scheduler and RNG states, and `trainer_state.json`
   last (`Trainer._save_checkpoint`); so a checkpoint counts once that file is there *and* parses
   (the JSON itself is not written atomically);
-- PPO (`alignment.ppo`) builds `checkpoint-<step>.partial` and renames it into place, so a
+- PPO (`alignment.rl.ppo_trainer`) builds `checkpoint-<step>.partial` and renames it into place, so a
   directory named exactly `checkpoint-<step>` holding its state file is complete.
 Both rules are "the name is exactly checkpoint-<int> and the marker written last is intact".
 """
