@@ -19,8 +19,12 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; malformed JSON names file and line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
@@ -29,9 +33,22 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise DataError(
                     f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
                 ) from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if "\\ud" in line.lower() and _has_lone_surrogate(row):
+                raise DataError(f"{path}:{lineno}: invalid Unicode (a lone surrogate escape such as \\ud800)")
             yield lineno, row
+
+
+def _has_lone_surrogate(row: dict[str, Any]) -> bool:
+    """JSON's \\uXXXX escapes can spell half a UTF-16 pair, which no UTF-8 text (or file) can hold."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -96,7 +96,8 @@ def pair_id(prompt: str | list[Message], chosen: str | list[Message], rejected: 
         ensure_ascii=False,
         separators=(",", ":"),
     )
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    # surrogatepass: a lone surrogate (from a Python caller; files reject them) still hashes.
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def messages_text(messages: list[Message]) -> str:
@@ -133,7 +134,8 @@ def _validate_messages(value: Any, where: str, field: str) -> list[Message]:
     for i, msg in enumerate(value):
         if (
             not isinstance(msg, dict)
-            or msg.get("role") not in ROLES
+            or not isinstance(msg.get("role"), str)
+            or msg["role"] not in ROLES
             or not isinstance(msg.get("content"), str)
         ):
             raise DataError(f"{where}: {field}[{i}] needs a role in {sorted(ROLES)} and a string content")

@@ -32,7 +32,8 @@ def validate_messages(messages: Any, where: str) -> list[Message]:
     for i, msg in enumerate(messages):
         if (
             not isinstance(msg, dict)
-            or msg.get("role") not in ROLES
+            or not isinstance(msg.get("role"), str)
+            or msg["role"] not in ROLES
             or not isinstance(msg.get("content"), str)
         ):
             raise DataError(f"{where}: messages[{i}] needs a role in {sorted(ROLES)} and a string content")
