@@ -31,10 +31,11 @@ def test_migrations_build_exactly_the_models_schema(store) -> None:
     store.migrate()  # idempotent
 
 
-def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+def test_sqlite_runs_in_wal_mode_and_fsyncs_every_commit(tmp_path: Path) -> None:
     store = fs.FeedbackStore(f"sqlite:///{tmp_path / 'wal.db'}")
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL: survives power loss
 
 
 def test_feedback_is_idempotent_and_validated(store) -> None:
