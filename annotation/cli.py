@@ -170,8 +170,9 @@ def pull_command(
     with _errors():
         cfg = _config(config, overrides)
         result = pull(resolve_connection(cfg.server).client(), cfg.dataset, cfg.pull)
+    verb = "unchanged:" if result.unchanged else "wrote"  # the same votes give the same version
     out.print(
-        f"wrote {result.rows} pairs to {result.directory / 'preferences.jsonl'}; skipped {result.skipped}"
+        f"{verb} {result.rows} pairs in {result.directory / 'preferences.jsonl'}; skipped {result.skipped}"
     )
     alpha = result.agreement.alpha
     out.print(f"Krippendorff's alpha: {alpha:.3f}" if alpha is not None else "Krippendorff's alpha: n/a")
