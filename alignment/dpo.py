@@ -23,7 +23,8 @@ on CPU showed under a third of the time in matmuls):
 - weights are held in bf16 (the device plan), attention is eager on CPU (its backward is plain
   matmuls) and gradient checkpointing is off (`training` settings), so no fp32 weight is re-cast and
   no forward is recomputed.
-The loss itself is TRL's `_compute_loss`, untouched, so every TRL loss type works.
+The loss itself is TRL's `_compute_loss`, untouched, so every TRL loss type works. The hooks into TRL's
+internals (reference precompute, fused LM head contract) live in `alignment.trl_compat`.
 """
 
 from __future__ import annotations
