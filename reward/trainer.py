@@ -210,7 +210,6 @@ def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
         callbacks=callbacks(config, has_eval),
     )
     apply_mixed_precision(trainer, device_plan(config).dtype, config.training.mixed_precision)
-    trainer.prefloop_data_report = report  # type: ignore[attr-defined]
     return trainer
 
 
