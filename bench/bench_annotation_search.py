@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sqlite3
 import statistics
 import tempfile
@@ -188,6 +189,7 @@ def bench(database: str, sizes: list[int], repeats: int, console: Console) -> di
         workspace.down(settings)
         if pg is not None:
             pg.cleanup()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def main() -> None:
