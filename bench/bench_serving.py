@@ -1,17 +1,22 @@
 """Serving throughput and latency, and feedback write rate, against a real server on loopback.
 
     PREFLOOP_HOME=/tmp/pfhome python bench/bench_serving.py [--models tiny-random smollm2-135m-instruct]
-        [--max-tokens 16] [--requests-per-client 4] [--threads 1] [--feedback 2000]
+        [--max-tokens 8 32 64] [--requests-per-client 2] [--threads 1] [--feedback 2000]
 
-For each model (bf16 where the CPU has it) `prefloop serve` runs in its own process and 1, 4 and 16
-clients (the official AsyncOpenAI client) each send requests back to back. Reported: completion
-tokens/s, p50/p99 latency, and the speed-up over 1 client. The baseline row is 16 clients against
-the same server with batching off (max_batch_size=1), measured in the same run, so the ratio says
-what batching buys on this machine whatever else is running on it.
+For each model (bf16 where the CPU has it) a server runs in its own process and 16 clients (the
+official AsyncOpenAI client) each send requests back to back, each request with a `max_tokens`
+drawn in turn from `--max-tokens` (mixed lengths: where static batching makes short answers wait
+for long ones). Three servers, measured in the same run so the ratios hold whatever else runs:
 
-Feedback: `--feedback` pairwise/thumbs/rating posts from 16 clients, each sent twice (a client
-retry with the same idempotency key); reported writes/s over HTTP vs direct store writes/s (the
-baseline), and lost/double-counted writes (must both be 0).
+- continuous: today's engine, requests join and leave the running batch between decode steps;
+- static (before): the engine before issue 13 (`serving/generation.py` at LEGACY_REV, run from
+  git): requests gathered for max_wait_ms, one `generate` call per batch;
+- no batching: today's engine with max_batch_size=1 (the unbatched baseline).
+
+Reported: completion tokens/s, p50/p99 latency, and throughput vs no batching; continuous also
+with 1 client. Feedback: `--feedback` pairwise/thumbs/rating posts from 16 clients, each sent
+twice (a client retry with the same idempotency key); reported writes/s over HTTP vs direct
+store writes/s (the baseline), and lost/double-counted writes (must both be 0).
 """
 
 from __future__ import annotations
@@ -37,11 +42,45 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 KEY, ADMIN = "bench-key", "bench-admin"
-MESSAGES = [{"role": "user", "content": "Write a short sentence about the sea."}]
+MESSAGES = [{"role": "user", "content": "Write a long story about the sea."}]
+LEGACY_REV = "6617efb809168a77e2264d305e8f90943e1baf9d"  # last commit with static batching
+
+
+def run_server(config: Path, legacy: Path | None) -> None:
+    """The server process: `prefloop serve`'s app, or the same app over the pre-issue-13 engine."""
+    import importlib.util
+
+    import uvicorn
+    import yaml
+
+    from serving.api import build_app, create_app
+    from serving.config import ServeConfig
+
+    settings = ServeConfig(**yaml.safe_load(config.read_text()))
+    if legacy is None:
+        app = build_app(settings)
+    else:
+        import serving.generation as current
+        from alignment.devices import plan_device
+        from serving.feedback_store import FeedbackStore
+
+        spec = importlib.util.spec_from_file_location("legacy_generation", legacy)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["legacy_generation"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        for name in ("Delta", "Generation", "Choice", "Job", "SamplingParams", "UnknownModelError"):
+            setattr(module, name, getattr(current, name))  # the routes check these classes
+        engine = module.GenerationEngine(
+            settings.model, plan_device(settings.dtype), max_batch_size=settings.batching.max_batch_size,
+            max_wait_ms=settings.batching.max_wait_ms, served_name=settings.served_name, threads=settings.threads,
+        )  # fmt: skip
+        app = create_app(settings, engine, FeedbackStore(settings.store_url))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
 
 
 @contextmanager
-def serve(tmp: Path, name: str, **settings: object) -> Iterator[str]:
+def serve(tmp: Path, name: str, legacy: Path | None = None, **settings: object) -> Iterator[str]:
     """`prefloop serve` in its own process (so the clients here never share its GIL); yields the URL."""
     import socket
 
@@ -58,7 +97,7 @@ def serve(tmp: Path, name: str, **settings: object) -> Iterator[str]:
         "port": port,
     }
     config.write_text(yaml.safe_dump(base | settings))
-    cmd = [sys.executable, "-c", "from serving.cli import app; app()", "serve", "--config", str(config)]
+    cmd = [sys.executable, __file__, "--serve", str(config)] + (["--legacy", str(legacy)] if legacy else [])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -83,36 +122,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def load(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict[str, float]:
+async def load(
+    url: str, model: str, clients: int, per_client: int, max_tokens: list[int]
+) -> dict[str, float]:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=600)
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=1200)
     latencies: list[float] = []
     tokens = 0
     failures = 0
 
-    async def one_client() -> None:
+    async def one_client(c: int) -> None:
         nonlocal tokens, failures
-        for _ in range(per_client):
+        for r in range(per_client):
             t0 = time.perf_counter()
             try:
-                r = await client.chat.completions.create(
-                    model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0.7
+                response = await client.chat.completions.create(
+                    model=model,
+                    messages=MESSAGES,
+                    max_tokens=max_tokens[(c + r) % len(max_tokens)],
+                    temperature=0.7,
                 )
             except Exception:
                 failures += 1
                 continue
             latencies.append(time.perf_counter() - t0)
-            tokens += r.usage.completion_tokens
+            tokens += response.usage.completion_tokens
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(*(one_client(c) for c in range(clients)))
     wall = time.perf_counter() - t0
     await client.close()
     return {
         "tok_s": tokens / wall,
-        "p50": percentile(latencies, 0.5),
-        "p99": percentile(latencies, 0.99),
+        "p50": percentile(latencies, 0.5) if latencies else float("nan"),
+        "p99": percentile(latencies, 0.99) if latencies else float("nan"),
         "requests": len(latencies),
         "failures": failures,
     }
@@ -121,27 +165,32 @@ async def load(url: str, model: str, clients: int, per_client: int, max_tokens: 
 def bench_model(name: str, args: argparse.Namespace, table: Table, tmp: Path) -> None:
     from alignment.devices import plan_device
 
+    legacy = tmp / "legacy_generation.py"
+    legacy.write_text(subprocess.run(
+        ["git", "show", f"{LEGACY_REV}:serving/generation.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout)  # fmt: skip
     results = {}
-    for label, batch in (("batched", 16), ("no batching", 1)):
+    modes = (("continuous", 16, None), ("static (before)", 16, legacy), ("no batching", 1, None))
+    for label, batch, engine in modes:
         settings = {
             "model": name,
             "store_url": f"sqlite:///{tmp / f'{name}.db'}",
             "threads": args.threads,
             "batching": {"max_batch_size": batch, "max_wait_ms": 5},
         }
-        with serve(tmp, name, **settings) as url:
-            asyncio.run(load(url, "prefloop-current", 2, 1, args.max_tokens))  # warm-up
-            for clients in (1, 4, 16) if batch > 1 else (16,):
+        with serve(tmp, name, engine, **settings) as url:
+            asyncio.run(load(url, "prefloop-current", 2, 1, [4]))  # warm-up
+            for clients in (1, 16) if label == "continuous" else (16,):
+                console_load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
                 results[(label, clients)] = asyncio.run(
                     load(url, "prefloop-current", clients, args.requests_per_client, args.max_tokens)
-                )
-    single = results[("batched", 1)]["tok_s"]
+                ) | {"load": console_load.split("load average:")[-1].strip()}
     baseline = results[("no batching", 16)]["tok_s"]
     for (label, clients), r in results.items():
         table.add_row(
             f"{name} ({plan_device().name})", label, str(clients), f"{r['requests']}", f"{r['failures']}",
             f"{r['tok_s']:.1f}", f"{r['p50'] * 1000:.0f}", f"{r['p99'] * 1000:.0f}",
-            f"{r['tok_s'] / single:.2f}x", f"{r['tok_s'] / baseline:.2f}x",
+            f"{r['tok_s'] / baseline:.2f}x", str(r["load"]),
         )  # fmt: skip
 
 
@@ -246,14 +295,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["tiny-random", "smollm2-135m-instruct"])
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="Generation threads (default: torch's).")
     parser.add_argument("--feedback", type=int, default=2000)
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # internal: be the server
+    parser.add_argument("--legacy", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        run_server(args.serve, args.legacy)
+        return
     console = Console(width=150)
     table = Table(
-        title=f"chat completions (max_tokens={args.max_tokens}, {args.requests_per_client} requests per client)"
+        title=f"chat completions (max_tokens cycling {args.max_tokens}, {args.requests_per_client} requests per client)"
     )
     for col in (
         "model",
@@ -264,8 +318,8 @@ def main() -> None:
         "tokens/s",
         "p50 ms",
         "p99 ms",
-        "vs 1 client",
         "vs no batching",
+        "load (1/5/15 min)",
     ):
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:

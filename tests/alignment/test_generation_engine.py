@@ -218,3 +218,22 @@ def test_smollm2_bf16_greedy_matches_hf_generate(smollm2: Path) -> None:
     engine = Engine(model, tokenizer)
     for seq in engine.generate(ids, SamplingParams(temperature=0.0, max_tokens=16)):
         assert seq.tokens == hf_greedy(model, seq.prompt_ids, 16, engine.eos_ids)
+
+
+def test_sampling_draws_from_each_rows_distribution() -> None:
+    from alignment.generation.sampling import BLOCK, sample, top_p_mask
+
+    torch.manual_seed(0)
+    vocab, draws = 3 * BLOCK + 7, 20000  # several blocks, the last one partial
+    logits = torch.randn(2, vocab) * 3
+    temperature, top_p = torch.tensor([1.0, 0.5]), torch.tensor([1.0, 0.8])
+    gen = torch.Generator().manual_seed(1)
+    tokens, _ = sample(logits.repeat(draws, 1), temperature.repeat(draws), top_p.repeat(draws), gen)
+    tokens = tokens.view(draws, 2)
+    for row in range(2):
+        scaled = logits[row : row + 1] / temperature[row]
+        expected = scaled.softmax(-1).masked_fill(top_p_mask(scaled, top_p[row : row + 1]), 0)[0]
+        expected /= expected.sum()
+        freq = torch.bincount(tokens[:, row], minlength=vocab).float() / draws
+        assert (freq - expected).abs().max() < 0.015
+        assert freq[expected == 0].sum() == 0  # never outside the nucleus
