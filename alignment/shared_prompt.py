@@ -230,6 +230,14 @@ def _causal_attention(
     return torch.matmul(weights, value)
 
 
+def _keys(
+    k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], groups: int, *indices: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's keys and values, from the row's pieces; KV heads repeated for grouped-query attention."""
+    k, v = (torch.cat([parts[i] for i in indices], dim=1) for parts in (k_parts, v_parts))
+    return k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+
+
 def segment_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -250,35 +258,34 @@ def segment_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    rows, heads, width, dim = query.shape
+    _, heads, width, dim = query.shape
     groups = heads // key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
-
-    def kv(row: int, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts_k = [key[row, :, a:b] for a, b in spans if b > a]
-        parts_v = [value[row, :, a:b] for a, b in spans if b > a]
-        k, v = (torch.cat(p, dim=1) if len(p) > 1 else p[0] for p in (parts_k, parts_v))
-        return k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
-
     by_row: dict[int, list[list[int]]] = {}
     for segment in pair_segments.tolist():
         by_row.setdefault(segment[0], []).append(segment)
     outputs = []
-    for row in range(rows):
-        pieces, used = [], 0
-        for _, start, prefix, prompt, chosen, rejected in by_row.get(row, []):
-            if used == 0 and prefix:  # the batch prefix, once per row
-                k, v = kv(row, [(0, prefix)])
-                pieces.append(_causal_attention(query[row, :, :prefix], k, v, scale))
-                used = prefix
-            chosen_end = start + prompt + chosen
-            k, v = kv(row, [(0, prefix), (start, chosen_end)])
-            pieces.append(_causal_attention(query[row, :, start:chosen_end], k, v, scale))
-            k, v = kv(row, [(0, prefix), (start, start + prompt), (chosen_end, chosen_end + rejected)])
-            pieces.append(_causal_attention(query[row, :, chosen_end : chosen_end + rejected], k, v, scale))
-            used = chosen_end + rejected
-        if used < width:
-            pieces.append(query.new_zeros(heads, width - used, dim))
+    for row, (q_row, k_row, v_row) in enumerate(zip(query, key, value, strict=True)):
+        segments = by_row.get(row, [])
+        # One split per row into [prefix, (prompt, chosen, rejected) per pair, padding]: its backward is
+        # a single concatenation, where slicing each piece would zero-fill a full-size gradient per slice.
+        prefix = segments[0][2] if segments else 0
+        sizes = [prefix] + [n for _, _, _, *lengths in segments for n in lengths]
+        sizes.append(width - sum(sizes))
+        q_parts, k_parts, v_parts = (t.split(sizes, dim=1) for t in (q_row, k_row, v_row))
+        pieces = []
+        if prefix:
+            pieces.append(_causal_attention(q_parts[0], *_keys(k_parts, v_parts, groups, 0), scale))
+        for i in range(len(segments)):
+            prompt, chosen, rejected = 1 + 3 * i, 2 + 3 * i, 3 + 3 * i
+            own = (0,) if prefix else ()
+            queries = torch.cat([q_parts[prompt], q_parts[chosen]], dim=1)
+            k, v = _keys(k_parts, v_parts, groups, *own, prompt, chosen)
+            pieces.append(_causal_attention(queries, k, v, scale))
+            k, v = _keys(k_parts, v_parts, groups, *own, prompt, rejected)
+            pieces.append(_causal_attention(q_parts[rejected], k, v, scale))
+        if sizes[-1]:
+            pieces.append(query.new_zeros(heads, sizes[-1], dim))
         outputs.append(torch.cat(pieces, dim=1))
     return torch.stack(outputs).transpose(1, 2).contiguous(), None
 
