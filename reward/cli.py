@@ -67,8 +67,10 @@ def eval_command(
     candidate: Annotated[Path | None, typer.Option(help="Candidate adapter (candidate.adapter).")] = None,
     baseline: Annotated[Path | None, typer.Option(help="Baseline adapter (baseline.adapter).")] = None,
     reward_model: Annotated[Path | None, typer.Option(help="Reward model directory (reward_model).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (threads).")] = None,
 ) -> None:
-    """Candidate vs baseline on held-out prompts: reward win rate, mean reward, KL, length (eval.json/.png)."""
+    """Candidate vs baseline on held-out prompts: win rates (reward model, LLM judge), KL, length,
+    perplexity, reference metrics, error analysis (eval.json/.md/.png)."""
     from alignment.config import load_config
     from reward.evaluate import EvalConfig, print_comparison, run_eval
 
@@ -78,6 +80,7 @@ def eval_command(
             ("candidate.adapter", candidate),
             ("baseline.adapter", baseline),
             ("reward_model", reward_model),
+            ("threads", threads),
         )
         if value is not None
     ]
@@ -85,7 +88,7 @@ def eval_command(
         cfg = load_config(EvalConfig, config, [*sugar, *(overrides or [])])
         result = run_eval(cfg)
     print_comparison(result)
-    print(f"wrote {cfg.output_dir / 'eval.json'} and {cfg.output_dir / 'eval.png'}")
+    print(f"wrote {cfg.output_dir / 'eval.json'}, eval.md and eval.png")
 
 
 def register(app: typer.Typer) -> None:

@@ -110,6 +110,9 @@ class EvalConfig(StrictModel):
     tie_tolerance: float = Field(1e-3, ge=0, description="Reward differences this small are ties.")
     error_analysis_top_k: int = Field(5, ge=0, description="Worst-lost prompts listed per judge.")
     dtype: DTypeName = "auto"
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (on a shared CPU fewer is faster)."
+    )
     output_dir: Path = Path("runs/eval")
 
 
@@ -620,6 +623,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     """File-driven `compare_models`: writes eval.json and eval.png to output_dir; returns the result."""
     from reward.scorer import RewardScorer
 
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     plan = plan_device(config.dtype)
     baseline = (
         config.baseline

@@ -78,7 +78,7 @@ def test_eval_cli_writes_json_and_plot(
     args = [
         "eval", "--candidate", str(random_adapter), "--reward-model", str(trained[0]),
         "--set", f"baseline.model={tiny_model}", "--set", f"prompts={prompts}", "--set", "eval_fraction=null",
-        "--set", "sampling.max_new_tokens=4", "--set", f"output_dir={tmp_path / 'eval'}",
+        "--set", "sampling.max_new_tokens=4", "--set", f"output_dir={tmp_path / 'eval'}", "--threads", "1",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -86,6 +86,8 @@ def test_eval_cli_writes_json_and_plot(
     assert report["prompts"] == 4 and 0 <= report["win_rate"] <= 1
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
     assert "win rate" in result.output
+    assert "| reward model |" in (tmp_path / "eval" / "eval.md").read_text()
+    assert len(report["win_rate_ci95"]) == 2 and "reward" in report["error_analysis"]
 
 
 def test_reward_score_cli_single_pair_file_and_bad_input(trained: tuple, tmp_path: Path) -> None:
