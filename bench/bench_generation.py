@@ -14,8 +14,9 @@ length), timed alternately so both sides see the same machine load:
   HF via PEFT's `adapter_names`).
 
 Also reported: the log-prob drift of each engine variant against a separate HF forward pass of
-the unmerged policy over the same sampled tokens (max and mean |difference|, nats), and the
-engine's KV-cache size. `--profile` prints the torch profiler's top operators for one HF and
+the unmerged policy over the same sampled tokens (max and mean |difference|, nats), beside the
+same drift of HF `generate`'s own step logits (the bf16 noise floor), and the engine's KV-cache
+size. Times are wall and process CPU time (one thread: the work done, whatever the neighbours). `--profile` prints the torch profiler's top operators for one HF and
 one engine decode of 16 tokens.
 """
 
@@ -159,24 +160,56 @@ def main() -> None:
     engine.generate(prompts, short, "a0")
     merged.generate(prompts, short, "a0")
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, object] = {}
     for _ in range(args.repeats):
         for name, run in runs.items():  # interleaved: each side sees the same load
             sync(plan.device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outputs[name] = run()
             sync(plan.device)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     tokens = args.batch * args.new_tokens
     figures: dict[str, object] = {"model": args.model, "batch": args.batch, "new_tokens": args.new_tokens,
                                   "lora_r": args.lora_r, "device": str(plan.device), "threads": args.threads}  # fmt: skip
+    # On a shared CPU, wall time mostly measures the neighbours; with one thread, the process's
+    # CPU time is the work done. Ratios are given for both (on a GPU, use wall time).
     for name, ts in times.items():
-        t = statistics.median(ts)
-        figures[name] = {"s": round(t, 3), "tokens_per_s": round(tokens / t, 1)}
-        baseline = times["hf-mixed" if name.endswith("mixed") else "hf"]
-        figures[name]["vs_hf"] = round(statistics.median(baseline) / t, 2)
+        t, c = statistics.median(ts), statistics.median(cpu[name])
+        figures[name] = {"s": round(t, 3), "cpu_s": round(c, 3), "tokens_per_s": round(tokens / t, 1),
+                         "tokens_per_cpu_s": round(tokens / c, 1)}  # fmt: skip
+        base = "hf-mixed" if name.endswith("mixed") else "hf"
+        figures[name]["vs_hf"] = round(statistics.median(times[base]) / t, 2)
+        figures[name]["vs_hf_cpu"] = round(statistics.median(cpu[base]) / c, 2)
     # Log-prob drift vs a separate forward of the unmerged policy, on the last run's samples.
     model.set_adapter("a0")
+    # The noise floor: HF generate's own log-probs (its logits at each step) vs the same forward.
+    with torch.inference_mode():
+        tokenizer.padding_side = "left"
+        enc = tokenizer.pad({"input_ids": prompts[:4]}, return_tensors="pt").to(model.device)
+        out = model.generate(
+            **enc, max_new_tokens=args.new_tokens, do_sample=True, top_p=0.9, temperature=0.8, top_k=0,
+            pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    diffs = []
+    for row in range(4):
+        new = out.sequences[row, enc["input_ids"].shape[1] :]
+        eos = (new == tokenizer.eos_token_id).nonzero()
+        n = int(eos[0]) if len(eos) else len(new)
+        if n == 0:
+            continue
+        steps = torch.stack([out.logits[t][row] for t in range(n)]).float() / params.temperature
+        own = steps.log_softmax(-1).gather(1, new[:n, None]).squeeze(1)
+        prompt = [
+            t
+            for t, m in zip(enc["input_ids"][row].tolist(), enc["attention_mask"][row].tolist(), strict=True)
+            if m
+        ]
+        diffs.append((own - hf_logprobs(model, prompt, new[:n].tolist(), params.temperature)).abs())
+    d = torch.cat(diffs)
+    figures["hf"]["logprob_drift_max"] = round(float(d.max()), 4)  # type: ignore[index]
+    figures["hf"]["logprob_drift_mean"] = round(float(d.mean()), 5)  # type: ignore[index]
     for name in ("engine", "engine-merged"):
         diffs = []
         for seq in outputs[name][:4]:  # type: ignore[index]
@@ -197,7 +230,10 @@ def main() -> None:
             if "logprob_drift_max" in f
             else ""
         )  # type: ignore[operator]
-        print(f"{name:14s} {f['s']:8.2f} s {f['tokens_per_s']:8.1f} tok/s  x{f['vs_hf']:.2f} vs hf{extra}")  # type: ignore[index]
+        print(
+            f"{name:14s} {f['s']:8.2f} s {f['tokens_per_s']:7.1f} tok/s x{f['vs_hf']:.2f} | cpu {f['cpu_s']:7.2f} s "
+            f"{f['tokens_per_cpu_s']:7.1f} tok/cpu-s x{f['vs_hf_cpu']:.2f} vs hf{extra}"
+        )  # type: ignore[index]
     print(json.dumps(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
