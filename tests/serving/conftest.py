@@ -44,6 +44,7 @@ class RunningServer:
     app: object
     store: object
     engine: object
+    settings: object = None
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -152,7 +153,7 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     store = FeedbackStore(settings.store_url)
     app = create_app(settings, engine, store)
     uvicorn_server, thread, url = start_server(app)
-    yield RunningServer(url, app, store, engine)
+    yield RunningServer(url, app, store, engine, settings)
     uvicorn_server.should_exit = True
     thread.join(timeout=10)
     engine.close()

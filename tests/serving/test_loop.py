@@ -37,7 +37,7 @@ def length_scorer(prompts: list[str], responses: list[str]) -> list[float]:
 def loop_config(server, tmp_path: Path, **overrides: object) -> LoopConfig:
     return LoopConfig.model_validate(
         {
-            "serve": {"model": str(server.app.state.settings.model), "store_url": server.store.url},
+            "serve": {"model": str(server.settings.model), "store_url": server.store.url},
             "output_dir": str(tmp_path / "runs"),
             "ingest": {"output_dir": str(tmp_path / "data")},
             "trigger": {"min_new_pairs": 6},
@@ -164,7 +164,7 @@ def test_full_loop_promotes_and_hot_swaps_without_failed_requests(server, client
 
 
 def config_model(server) -> str:
-    return str(server.app.state.settings.model)
+    return str(server.settings.model)
 
 
 def test_gate_rejects_a_candidate_and_keeps_the_current_model(
