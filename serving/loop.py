@@ -262,6 +262,7 @@ def status(config: LoopConfig, store: FeedbackStore) -> dict[str, Any]:
 
 def default_trainer(job: TrainJob) -> Path:
     """DPO or KTO through `alignment`, configured from `train_config` + overrides + the loop's data."""
+    from alignment.checkpoints import latest_checkpoint
     from alignment.config import load_config
 
     if job.algorithm == "dpo":
@@ -276,6 +277,8 @@ def default_trainer(job: TrainJob) -> Path:
     overrides += [f"model={job.base_model}", f"output_dir={job.output_dir}", f"data.train={data_file}"]
     if job.init_adapter is not None:
         overrides.append(f"init_adapter={job.init_adapter}")
+    if latest_checkpoint(job.output_dir) is not None:  # a turn killed mid-retrain: continue it
+        overrides.append("resume=true")
     train(load_config(RunConfig, job.config_path, overrides))
     return job.output_dir  # `run_training` saves the final adapter there
 
