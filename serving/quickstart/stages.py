@@ -695,8 +695,9 @@ def run_serve(ctx: Context) -> Row:
                     timeout=60,
                 )
                 r.raise_for_status()
-                kind = "correction" if body.get("corrected_response") else body["type"]
-                posted[kind] = posted.get(kind, 0) + 1
+                posted[body["type"]] = posted.get(body["type"], 0) + 1
+                if body.get("corrected_response"):
+                    posted["corrected"] = posted.get("corrected", 0) + 1
         with store.session() as session:
             stored = counts(session)
 
