@@ -99,13 +99,13 @@ def plot_agreement(manifest: Row) -> bytes:
 
     plt = _plt()
     agreement = manifest["agreement"]
-    kappas = agreement.get("pairwise_kappa", {})
+    kappas = agreement.get("pairwise_cohen_kappa", {})
     names = sorted(
-        {n for key in kappas for n in key.split(" vs ")} | set(agreement.get("with_consensus", {}))
+        {n for key in kappas for n in key.split("|")} | set(agreement.get("agreement_with_consensus", {}))
     )
     matrix = np.full((len(names), len(names)), np.nan)
     for key, value in kappas.items():
-        a, b = key.split(" vs ")
+        a, b = key.split("|")
         i, j = names.index(a), names.index(b)
         matrix[i, j] = matrix[j, i] = value if value is not None else np.nan
     np.fill_diagonal(matrix, 1.0)
@@ -119,7 +119,7 @@ def plot_agreement(manifest: Row) -> bytes:
                 left.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
     left.set_title("Cohen's kappa per annotator pair")
     fig.colorbar(im, ax=left, fraction=0.046)
-    consensus = agreement.get("with_consensus", {})
+    consensus = agreement.get("agreement_with_consensus", {})
     right.bar(list(consensus), list(consensus.values()), color="tab:blue")
     right.set_ylim(0, 1)
     right.set_title("agreement with the others' majority")
@@ -210,7 +210,7 @@ def summary_rows(
         ),
     ]
     if manifest:
-        alpha = manifest["agreement"].get("alpha")
+        alpha = manifest["agreement"].get("krippendorff_alpha")
         rows.append(
             (
                 "annotated pairs kept (majority) / records with votes",
@@ -271,7 +271,7 @@ def write_report(ctx: Context) -> tuple[Path, Path]:
     serve = _load(ctx.path("serve") / "result.json")
 
     plots = plot_training(ctx)
-    if manifest and manifest["agreement"].get("pairwise_kappa"):
+    if manifest and manifest["agreement"].get("pairwise_cohen_kappa"):
         plots["Annotator agreement"] = plot_agreement(manifest)
     plots["Win rates with 95% intervals"] = plot_win_rates(eval_result)
     if serve:
