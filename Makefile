@@ -1,6 +1,8 @@
 # The two set-up commands of the README. Each creates its own virtualenv and installs what it needs.
-#   make demo   pull the embedded model, fine-tune on the bundled data, chat with the result
-#   make test   the whole test suite
+#   make demo        prefloop quickstart: the whole loop (SFT -> annotation -> reward -> DPO -> serve -> feedback
+#                    loop) on the embedded model, ending in runs/quickstart/report/report.html
+#   make test        the whole test suite
+#   make chat-demo   the smaller demo: fine-tune on the bundled data, chat with the result
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 RUNS ?= runs/demo
 
-.PHONY: demo test lint install
+.PHONY: demo chat-demo test lint install
 
 $(BIN)/prefloop: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +22,9 @@ $(BIN)/prefloop: pyproject.toml
 install: $(BIN)/prefloop
 
 demo: install
+	$(BIN)/prefloop quickstart
+
+chat-demo: install
 	$(BIN)/prefloop models pull smollm2-135m-instruct
 	$(BIN)/prefloop train sft --config configs/sft.yaml --set output_dir=$(RUNS)/sft
 	$(BIN)/prefloop chat --adapter $(RUNS)/sft "What is the capital of Peru?"
