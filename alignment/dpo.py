@@ -54,7 +54,12 @@ from alignment.runner import (
     callbacks,
     training_arguments,
 )
-from alignment.shared_prompt import mask_for_attention, pack_pairs
+from alignment.shared_prompt import (
+    mask_for_attention,
+    pack_pairs,
+    use_segment_attention,
+    uses_segment_attention,
+)
 from alignment.trl_compat import CachedReferenceDPOTrainer, FusedCausalLMOutput, patch_fused_lm_head
 
 log = logging.getLogger(__name__)
@@ -144,6 +149,7 @@ class SharedPromptBatch:
     input_ids: torch.Tensor  # (rows, T)
     position_ids: torch.Tensor  # (rows, T)
     attention_mask: torch.Tensor  # (rows, 1, T, T) bool, True = may attend
+    segments: torch.Tensor  # (B, 6) each pair's place, for per-sequence attention (`alignment.shared_prompt`)
     predictor: torch.Tensor  # (N,) flat index into (rows*T) of the hidden state predicting each scored token
     targets: torch.Tensor  # (N,) the scored tokens
     rows: torch.Tensor  # (N,) their row in TRL's (2B, L - 1) layout: chosen rows, then rejected rows
@@ -184,6 +190,7 @@ def share_prompts(
         input_ids=packed.input_ids,
         position_ids=packed.position_ids,
         attention_mask=packed.attention_mask,
+        segments=packed.segments,
         predictor=torch.cat(predictor),
         targets=torch.cat(targets),
         rows=torch.cat(rows).to(input_ids.device),
@@ -213,13 +220,21 @@ def add_completion_lm_head(model: PreTrainedModel, share_prompt: str = "pair") -
             else None
         )
         if shared is not None:
+            # Per-sequence attention: no (rows, heads, T, T) scores of a whole packed row.
+            attend = (
+                {"pair_segments": shared.segments}
+                if uses_segment_attention(self)
+                else {
+                    "attention_mask": mask_for_attention(
+                        shared.attention_mask, self, self.get_input_embeddings().weight.dtype
+                    )
+                }
+            )
             hidden = self.base_model(
                 input_ids=shared.input_ids,
                 position_ids=shared.position_ids,
-                attention_mask=mask_for_attention(
-                    shared.attention_mask, self, self.get_input_embeddings().weight.dtype
-                ),
                 use_cache=False,
+                **attend,
                 **kwargs,
             ).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1])[shared.predictor]
@@ -248,6 +263,8 @@ def add_completion_lm_head(model: PreTrainedModel, share_prompt: str = "pair") -
             label_mask=scored,
         )
 
+    if share_prompt != "off":
+        use_segment_attention(model)  # packed rows attend per sequence; unpacked calls get SDPA
     patch_fused_lm_head(model, forward)
 
 

@@ -23,6 +23,7 @@ from alignment.dpo import (
     train_dpo,
 )
 from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
+from alignment.shared_prompt import SEGMENT_ATTENTION
 
 
 @pytest.fixture(autouse=True)
@@ -276,13 +277,14 @@ def test_shared_prompt_forward_matches_one_row_per_response(
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     model = trainer.model.get_base_model()
-    assert model.config._attn_implementation == attention
+    assert model.config._attn_implementation == SEGMENT_ATTENTION  # packed rows attend per sequence
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
     packed = share_prompts(**kwargs, across_pairs=mode == "batch")
     assert packed is not None and packed.input_ids.shape[0] == (4 if mode == "pair" else 1)
     with torch.no_grad():
         shared = model(**kwargs, fused_lm_head=True)
         add_completion_lm_head(model, share_prompt="off")
+        model.set_attn_implementation(attention)  # the reference: full rows under eager / SDPA
         separate = model(**kwargs, fused_lm_head=True)
     torch.testing.assert_close(shared.log_probs, separate.log_probs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared.entropy, separate.entropy, atol=1e-4, rtol=1e-4)
