@@ -25,8 +25,8 @@ BUNDLED_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
 class PromptSettings(StrictModel):
     file: Path | None = Field(None, description="Prompt JSONL (id, prompt); default: the bundled set.")
     heldout_fraction: float = Field(0.3, gt=0, lt=1, description="Share of prompts held out, by hashed id.")
-    train_prompts: int = Field(200, ge=1, description="Train prompts used (first N of the split).")
-    heldout_prompts: int = Field(150, ge=1, description="Held-out prompts the win rates are measured on.")
+    train_prompts: int = Field(120, ge=1, description="Train prompts used (first N of the split).")
+    heldout_prompts: int = Field(100, ge=1, description="Held-out prompts the win rates are measured on.")
 
     def path(self) -> Path:
         return self.file or BUNDLED_PROMPTS
@@ -34,7 +34,7 @@ class PromptSettings(StrictModel):
 
 class SamplingSettings(StrictModel):
     num_samples: int = Field(3, ge=2, description="SFT responses per train prompt.")
-    max_pairs_per_prompt: int = Field(3, ge=1)
+    max_pairs_per_prompt: int = Field(2, ge=1)
     temperature: float = Field(1.0, gt=0, description="~1: diverse enough that pairs differ.")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)

@@ -16,14 +16,60 @@ import json
 import shutil
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from serving.quickstart import stages as st
 from serving.quickstart.config import QuickstartConfig
-from serving.quickstart.stages import STAGES, Context, read_json, write_json
+from serving.quickstart.report import write_report
+from serving.quickstart.stages import Context, read_json, write_json
+
+
+def run_report(ctx: Context) -> dict[str, Any]:
+    html, md = write_report(ctx)
+    return {"html": str(html), "markdown": str(md)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    run: Callable[[Context], dict[str, Any]]
+    valid: Callable[[Context], bool]
+    needs: tuple[str, ...] = ()
+
+
+STAGES = (
+    Stage("model", "pull the model", st.run_model, st.valid_model),
+    Stage("sft", "SFT adapter", st.run_sft, st.valid_sft, ("model",)),
+    Stage("sample", "sample + pair SFT responses", st.run_sample, st.valid_sample, ("sft",)),
+    Stage("annotate", "Argilla annotation", st.run_annotate, st.valid_annotate, ("sample",)),
+    Stage(
+        "preferences",
+        "pull votes (majority + agreement)",
+        st.run_preferences,
+        st.valid_preferences,
+        ("annotate",),
+    ),
+    Stage("reward", "reward model", st.run_reward, st.valid_reward, ("preferences",)),
+    # DPO needs the pairs; PPO/GRPO the reward model: either way both exist by then
+    Stage(
+        "align",
+        "DPO / PPO / GRPO from the SFT adapter",
+        st.run_align,
+        st.valid_align,
+        ("preferences", "reward", "sft"),
+    ),
+    Stage("eval", "held-out evaluation", st.run_eval, st.valid_eval, ("align", "reward")),
+    Stage("serve", "serve + feedback + loop", st.run_serve, st.valid_serve, ("eval",)),
+    # always rewritten: cheap, and it must show this run's stage times
+    Stage("report", "report", run_report, lambda ctx: False, ("eval",)),
+)
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -766,48 +766,54 @@ def valid_serve(ctx: Context) -> bool:
         return False
 
 
-# --- 10. report ----------------------------------------------------------------------------------
+# --- 7b. PPO / GRPO against the same reward model -------------------------------------------------
 
 
-def run_report(ctx: Context) -> Row:
-    from serving.quickstart.report import write_report
-
-    html, md = write_report(ctx)
-    return {"html": str(html), "markdown": str(md)}
-
-
-def valid_report(ctx: Context) -> bool:
-    return False  # cheap, and it must show this run's stage times: always rewritten
+def _rl_prompts(ctx: Context, out: Path) -> Path:
+    train, _ = load_split(ctx.config.prompts)
+    path = out / "prompts.jsonl"
+    write_jsonl(path, [{"prompt": p} for p in train])
+    return path
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    title: str
-    run: Callable[[Context], Row]
-    valid: Callable[[Context], bool]
-    needs: tuple[str, ...] = ()
+def run_rl(ctx: Context) -> Row:
+    """prefloop's PPO (or TRL's GRPO) from the SFT adapter, rewarded by the quickstart's reward model."""
+    from reward.scorer import RewardScorer
+
+    algorithm = ctx.config.algorithm
+    final = ctx.path(algorithm)
+    with staged(final) as out:
+        prompts = _rl_prompts(ctx, out)
+        overrides = [
+            *flatten(ctx.config.rl),
+            f"model={ctx.model_name()}",
+            f"init_adapter={ctx.path('sft')}",
+            f"reward_model={ctx.path('reward')}",
+            f"output_dir={out}",
+            f"data.prompts={prompts}",
+        ]
+        reward_fn = RewardScorer.from_pretrained(ctx.path("reward"))
+        if algorithm == "ppo":
+            from alignment.rl.config import PPORunConfig
+            from alignment.rl.ppo import train_ppo
+
+            metrics = train_ppo(load_config(PPORunConfig, CONFIGS / "ppo.yaml", overrides), reward_fn)
+        else:
+            from alignment.rl.config import GRPORunConfig
+            from alignment.rl.grpo import train_grpo
+
+            metrics = train_grpo(load_config(GRPORunConfig, CONFIGS / "grpo.yaml", overrides), reward_fn)
+            _dump_history(out)
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-STAGES = (
-    Stage("model", "pull the model", run_model, valid_model),
-    Stage("sft", "SFT adapter", run_sft, valid_sft, ("model",)),
-    Stage("sample", "sample + pair SFT responses", run_sample, valid_sample, ("sft",)),
-    Stage("annotate", "Argilla annotation", run_annotate, valid_annotate, ("sample",)),
-    Stage(
-        "preferences", "pull votes (majority + agreement)", run_preferences, valid_preferences, ("annotate",)
-    ),
-    Stage("reward", "reward model", run_reward, valid_reward, ("preferences",)),
-    Stage(
-        "align",
-        "preference training",
-        lambda ctx: ALIGNERS[ctx.config.algorithm](ctx),
-        lambda ctx: ALIGN_VALID[ctx.config.algorithm](ctx),
-        ("preferences", "sft"),
-    ),
-    Stage("eval", "held-out evaluation", run_eval, valid_eval, ("align", "reward")),
-    Stage("serve", "serve + feedback + loop", run_serve, valid_serve, ("eval",)),
-    Stage("report", "report", run_report, valid_report, ("eval",)),
-)
-ALIGNERS: dict[str, Callable[[Context], Row]] = {"dpo": run_dpo}
-ALIGN_VALID: dict[str, Callable[[Context], bool]] = {"dpo": valid_dpo}
+def valid_rl(ctx: Context) -> bool:
+    return has_adapter(ctx.path(ctx.config.algorithm))
+
+
+def run_align(ctx: Context) -> Row:
+    return run_dpo(ctx) if ctx.config.algorithm == "dpo" else run_rl(ctx)
+
+
+def valid_align(ctx: Context) -> bool:
+    return valid_dpo(ctx) if ctx.config.algorithm == "dpo" else valid_rl(ctx)
