@@ -471,8 +471,7 @@ def report_markdown(report: dict[str, Any], has_plot: bool = False) -> str:
         for reason, rows in report["examples"].items():
             lines.append(f"### {reason}")
             for row in rows:
-                detail = str(row["detail"]).replace("|", "\\|")
-                lines.append(f"- `{row['where']}` ({detail}): {_short(row['messages'])}")
+                lines.append(f"- `{row['where']}` ({row['detail']}): {_short(row['messages'])}")
             lines.append("")
     return "\n".join(lines)
 
