@@ -118,15 +118,16 @@ class LlamaWeights:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # HF's LlamaRMSNorm: normalise in fp32, scale after casting back.
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    # HF's LlamaRMSNorm: normalise in fp32, scale after casting back (one fused kernel for the
+    # normalisation instead of five elementwise ops).
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's `x * cos + rotate_half(x) * sin`, with rotate_half's negation moved into sin (exact:
+    only signs change) and the half swap done by one flip."""
+    halves = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return x * cos + halves * sin_signed
 
 
 def _project(layer: Layer, i: int, group: str, x: torch.Tensor, lora: RowLora) -> torch.Tensor:
@@ -157,6 +158,8 @@ def forward(
     decode = slots is None
     h = F.embedding(ids, w.embed)
     cos, sin = w.rotary(h, positions)
+    half = sin.shape[-1] // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     min_value = torch.finfo(h.dtype).min
     if decode:
@@ -180,19 +183,19 @@ def forward(
         x = _rms_norm(h, layer.input_norm, w.eps)
         qkv = _project(layer, i, "qkv", x, lora)
         q_out, kv_out = w.heads * w.head_dim, w.kv_heads * w.head_dim
-        q = qkv[..., :q_out].view(rows, t, w.heads, w.head_dim).transpose(1, 2)
-        k = qkv[..., q_out : q_out + kv_out].view(rows, t, w.kv_heads, w.head_dim).transpose(1, 2)
+        # q and k are adjacent in the fused output: one rotary pass covers both.
+        qk = qkv[..., : q_out + kv_out].view(rows, t, w.heads + w.kv_heads, w.head_dim).transpose(1, 2)
+        qk = _rope(qk, cos, sin)
+        q, k = qk[:, : w.heads], qk[:, w.heads :]
         v = qkv[..., q_out + kv_out :].view(rows, t, w.kv_heads, w.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
         keys, values = cache.keys[i], cache.values[i]
         if decode:
             keys[row_index, :, pos] = k[:, :, 0]
             values[row_index, :, pos] = v[:, :, 0]
             k_all, v_all = keys[:rows, :, :span], values[:rows, :, :span]
             # GQA without repeat_kv's copy: the query heads of one KV head become query rows.
-            qg = q.reshape(rows, w.kv_heads, groups, w.head_dim)
-            scores = torch.matmul(qg, k_all.transpose(2, 3)) * w.scaling + mask
+            qg = q.reshape(rows, w.kv_heads, groups, w.head_dim) * w.scaling  # scale the smaller side
+            scores = torch.matmul(qg, k_all.transpose(2, 3)) + mask
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
             attn = torch.matmul(probs, v_all).reshape(rows, 1, w.heads * w.head_dim)
         else:
