@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from threading import Thread
 
 import torch
-from transformers import PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import PreTrainedTokenizerBase
 
+from alignment.generation import SamplingParams, policy_engine
 from alignment.sft_data import Message
 
 
@@ -20,25 +20,15 @@ def stream_reply(
     temperature: float = 0.0,
     top_p: float = 1.0,
 ) -> Iterator[str]:
-    """Yield the reply's text as it is generated (greedy when temperature is 0)."""
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    ).to(model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        if temperature > 0
-        else {"do_sample": False}
-    )
-    kwargs = dict(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
-    )
-    # generate() blocks; run it beside the consumer so tokens arrive as they are produced.
-    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
+    """Yield the reply's text as it is generated (greedy when temperature is 0), by the
+    generation engine: each decode step's new text as soon as it is whole."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    engine = policy_engine(model, tokenizer, max_batch_size=1)
+    seq = engine.add(prompt_ids, SamplingParams(temperature, top_p, max_new_tokens), engine.merged)
+    sent = 0
+    while not seq.done:
+        engine.step()
+        if len(seq.text) > sent:
+            yield seq.text[sent:]
+            sent = len(seq.text)
