@@ -176,7 +176,13 @@ def test_pull_aggregates_votes_unmaps_positions_and_reports_agreement(
     assert manifest["pairs"] == 2 and manifest["agreement"]["krippendorff_alpha"] == result.agreement.alpha
 
     again = pull(team["client"], dataset_settings, PullSettings(min_votes=2, output_dir=str(tmp_path)))
-    assert again.directory.name == "v2"  # versioned: a pull never overwrites an earlier dataset
+    # the same votes: the same version, not a copy of it (issue 12)
+    assert again.directory == result.directory and again.unchanged
+    assert sorted(p.name for p in result.directory.parent.iterdir()) == [".lock", "v1"]
+    stricter = pull(team["client"], dataset_settings, PullSettings(min_votes=3, output_dir=str(tmp_path)))
+    # another result is the next version; a pull never overwrites an earlier dataset
+    assert stricter.directory.name == "v2" and not stricter.unchanged
+    assert (result.directory / "preferences.jsonl").read_text().count("\n") == 2
 
 
 def test_dataset_is_created_from_the_declared_settings(team, dataset_settings) -> None:
