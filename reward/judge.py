@@ -48,6 +48,8 @@ RATING_TEMPLATE = (
     'Rate the answer from 1 (useless) to 10 (excellent). Reply with the rating only, as "[[N]]".'
 )
 _PAIRWISE = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# Small judges often answer "A is better" or "B)" instead of the asked format: a bare leading letter counts.
+_LEADING_LETTER = re.compile(r"^\W*(?i:answer\s*)?\(?([ABC])\)?(?![\w'])")
 _RATING = re.compile(r"\[\[\s*(10|[1-9])(?:\.\d+)?\s*\]\]")
 
 
@@ -84,11 +86,16 @@ class JudgeSettings(StrictModel):
 
 
 def parse_pairwise(text: str) -> Verdict | None:
-    """The last `[[A]]`/`[[B]]`/`[[C]]` in a reply (models sometimes restate the format first)."""
+    """The last `[[A]]`/`[[B]]`/`[[C]]` in a reply (models sometimes restate the format first), else a
+    reply that starts with the letter ("A is better", "(B)")."""
     found = _PAIRWISE.findall(text)
-    if not found:
+    if found:
+        letter = found[-1]
+    elif match := _LEADING_LETTER.match(text):
+        letter = match.group(1)
+    else:
         return None
-    return {"A": "A", "B": "B", "C": "tie"}[found[-1]]  # type: ignore[return-value]
+    return {"A": "A", "B": "B", "C": "tie"}[letter]  # type: ignore[return-value]
 
 
 def parse_rating(text: str) -> float | None:

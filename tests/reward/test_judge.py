@@ -112,7 +112,9 @@ def test_ratings_score_single_answers(tmp_path: Path) -> None:
     judge = LLMJudge(settings(tmp_path), transport=httpx.MockTransport(BiasedJudge()))
     assert judge.scorer(["q1", "q2"], ["meh", "good good good"]) == [1.0, 4.0]
     assert parse_rating("[[7]] no, [[8]]") == 8.0 and parse_rating("eight") is None
-    assert parse_pairwise("[[C]]") == "tie" and parse_pairwise("A") is None
+    assert parse_pairwise("[[C]]") == "tie" and parse_pairwise("I think A") is None
+    assert parse_pairwise("A is more helpful.") == "A" and parse_pairwise("(B)") == "B"
+    assert parse_pairwise("a dog") is None and parse_pairwise("Both are fine") is None
 
 
 def test_refusals_and_missing_keys_are_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
