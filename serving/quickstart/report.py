@@ -283,6 +283,7 @@ def write_report(ctx: Context) -> tuple[Path, Path]:
     (out / "win_rates.png").write_bytes(plots["Win rates with 95% intervals"])
 
     rows = summary_rows(ctx, eval_result, manifest, reward_eval, serve)
+    algo = eval_result["algorithm"].upper()
     times = [
         (n, r.get("wall_s", 0.0), r.get("skipped", False))
         for n, r in state["stages"].items()
@@ -305,6 +306,10 @@ def write_report(ctx: Context) -> tuple[Path, Path]:
         *(f"| {n} | {w:.1f} s{' (earlier run)' if s else ''} |" for n, w, s in times),
         "",
     ]
+    crit = eval_result["criteria"]
+    md += ["| rubric criterion (mean over held-out replies) | SFT | " + algo + " |", "|---|---|---|"]
+    md += [f"| {name} | {crit['sft'][name]:.2f} | {crit['aligned'][name]:.2f} |" for name in crit["sft"]]
+    md += [""]
     md += [
         "Rubric (`" + str(ctx.config.rubric) + "`):",
         "",
@@ -338,6 +343,14 @@ def write_report(ctx: Context) -> tuple[Path, Path]:
         + "".join(f"<li>{esc(line)}</li>" for line in ctx.rubric.describe())
         + "</ul>"
     )
+    parts.append(
+        f"<h2>Rubric criteria on held-out replies</h2><table><tr><th>criterion</th><th>SFT</th><th>{esc(algo)}</th></tr>"
+    )
+    parts += [
+        f"<tr><td>{esc(n)}</td><td>{crit['sft'][n]:.2f}</td><td>{crit['aligned'][n]:.2f}</td></tr>"
+        for n in crit["sft"]
+    ]
+    parts.append("</table>")
     parts.append("<h2>Stage wall times</h2><table><tr><th>stage</th><th>seconds</th></tr>")
     parts += [
         f"<tr><td>{esc(n)}</td><td>{w:.1f}{' (earlier run)' if s else ''}</td></tr>" for n, w, s in times
