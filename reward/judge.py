@@ -148,9 +148,10 @@ class PairwiseResult:
         return {
             "pairs": len(self.scores),
             "decided": len(decided),
-            "wins": sum(s == 1.0 for s in decided),
-            "ties": sum(0 < s < 1 for s in decided),
-            "losses": sum(s == 0.0 for s in decided),
+            # A pair split between the orders (win + tie = 3/4) leans one way: counted by its side of 1/2.
+            "wins": sum(s > 0.5 for s in decided),
+            "ties": sum(s == 0.5 for s in decided),
+            "losses": sum(s < 0.5 for s in decided),
             "win_rate": self.win_rate,
             "first_order_win_rate": self.first_order_win_rate,
             "position_bias": self.position_bias,

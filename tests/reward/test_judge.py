@@ -136,3 +136,17 @@ def test_refusals_and_missing_keys_are_clear_errors(tmp_path: Path, monkeypatch:
     )
     assert judge.compare(["q"], ["a"], ["b"]).scores == [0.5]
     assert seen == ["Bearer sekrit", "Bearer sekrit"]
+
+
+def test_a_pair_won_in_one_order_and_tied_in_the_other_leans_to_a_win(tmp_path: Path) -> None:
+    # Candidate first: always "A"; baseline first: "C" (tie). Scores 3/4: a win on balance.
+    def replies(request: httpx.Request) -> httpx.Response:
+        text = json.loads(request.content)["messages"][0]["content"]
+        first = re.search(r"\[Answer A\]\n(.*?)\n\n", text, re.S).group(1)
+        return BiasedJudge.reply("[[A]]" if first == "cand" else "[[C]]")
+
+    result = LLMJudge(settings(tmp_path), transport=httpx.MockTransport(replies)).compare(
+        ["q"], ["cand"], ["base"]
+    )
+    assert result.scores == [0.75]
+    assert (result.summary()["wins"], result.summary()["ties"], result.summary()["losses"]) == (1, 0, 0)
