@@ -539,12 +539,19 @@ class SQLSearchEngine(SearchEngine):
             order_by += [Record.inserted_at.asc(), Record.id.asc()]
 
             columns = [Record.id, score if score is not None else literal_column("NULL")]
+            if score is not None:
+                # ranking visits every match anyway: count them in the same pass (the window is
+                # taken before LIMIT) instead of running the text match a second time
+                columns.append(func.count().over())
             page = select(*columns).select_from(Record)
             if hits is not None:
                 page = page.join(hits, hits.c.rid == literal_column("records.rowid"))
             page = page.where(*page_where).order_by(*order_by).offset(offset).limit(limit)
             rows = (await db.execute(page)).all()
-            total = await db.scalar(select(func.count()).select_from(Record).where(*where)) or 0
+            if score is not None and rows:
+                total = rows[0][2]
+            else:
+                total = await db.scalar(select(func.count()).select_from(Record).where(*where)) or 0
             if pending_user is not None:
                 mine = aliased(Response)  # not the `responses` that filters in `where` correlate to
                 answered = (
@@ -555,7 +562,8 @@ class SQLSearchEngine(SearchEngine):
                 )
                 total -= await db.scalar(answered) or 0  # one response per (record, user): a count
         items = [
-            SearchResponseItem(record_id=rid, score=float(s) if s is not None else 1.0) for rid, s in rows
+            SearchResponseItem(record_id=row[0], score=float(row[1]) if row[1] is not None else 1.0)
+            for row in rows
         ]
         return SearchResponses(items=items, total=total or 0)
 

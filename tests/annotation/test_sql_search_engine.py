@@ -143,6 +143,10 @@ def test_text_query_matches_all_words_across_fields(searchable: Fixture) -> None
     assert sorted(ids) == ["r0", "r2"] and total == 2
     assert search(searchable, {"query": {"text": {"q": "quick dog"}}})[0] == ["r2"]
     assert search(searchable, {"query": {"text": {"q": "elephant"}}})[0] == ["r4"]  # inside the chat field
+    # one page still counts every match; past the last page too
+    assert len(search(searchable, {"query": {"text": {"q": "quick"}}}, limit=1)[0]) == 1
+    assert search(searchable, {"query": {"text": {"q": "quick"}}}, limit=1)[1] == 2
+    assert search(searchable, {"query": {"text": {"q": "quick"}}}, limit=1, offset=5) == ([], 2)
 
 
 def test_text_query_restricted_to_one_field(searchable: Fixture) -> None:
