@@ -24,8 +24,8 @@ LOCK_FILE = ".lock"
 
 @contextmanager
 def locked(root: Path) -> Iterator[None]:
-    """Serialise writers of `root` (two concurrent pulls must not both publish `vN`), then clear
-    what killed writers left behind: staging folders and version folders that are not complete."""
+    """Serialise writers of `root` (two concurrent pulls must not both publish `vN`), then remove
+    the staging folders killed writers left behind (only a lock holder creates one)."""
     root.mkdir(parents=True, exist_ok=True)
     with (root / LOCK_FILE).open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
