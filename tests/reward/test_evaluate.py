@@ -254,3 +254,25 @@ def test_error_analysis_ranks_the_reward_models_worst_losses() -> None:
         ("q2", "c2", "b2", -2.0),
         ("q0", "c0", "b0", -1.0),
     ]
+
+
+def test_error_analysis_is_printed_beside_the_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    from reward.evaluate import print_comparison, report_markdown
+
+    side = {
+        "model": "m",
+        "mean_reward": 0.0,
+        "kl_to_reference": 0.0,
+        "mean_length": 3.0,
+        "ended_with_eos": 1.0,
+    }
+    loss = {"prompt": "Name a sea.", "candidate": "Rock.", "baseline": "The Baltic.", "candidate_reward": -1.0,
+            "baseline_reward": 2.0, "margin": -3.0}  # fmt: skip
+    result = {
+        "prompts": 1, "wins": 0, "ties": 0, "losses": 1, "win_rate": 0.0, "win_rate_ci95": [0.0, 0.0],
+        "candidate": side, "baseline": side, "error_analysis": {"reward": [loss], "judge": []},
+    }  # fmt: skip
+    print_comparison(result)
+    out = capsys.readouterr().out
+    assert "where the candidate lost most (by reward)" in out and "The Baltic." in out and "Rock." in out
+    assert "| Name a sea. | Rock. | The Baltic. | -1 vs 2 |" in report_markdown(result)
