@@ -45,3 +45,46 @@ def test_judge_asks_a_running_prefloop_serve(
 
     with pytest.raises(JudgeError, match=r"\(401\)"):
         LLMJudge(settings).compare(["q"], ["a"], ["b"])
+
+
+def test_curation_scores_by_the_judge_through_a_running_serve(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alignment.sft_curation import CurationSettings, ScoreSettings, curate_rows
+    from reward.curation import build_scorers
+
+    monkeypatch.setenv("PREFLOOP_JUDGE_API_KEY", CLIENT_KEY)
+    judge = {"base_url": f"{server.url}/v1", "model": "tiny-random", "max_tokens": 4, "max_parse_retries": 0}
+    score = ScoreSettings(
+        judge={**judge, "cache_dir": str(tmp_path / "cache")}, select_by="judge", min_score=1
+    )
+    scorers = build_scorers(score)
+    assert set(scorers) == {"judge"}
+    rows = [
+        (
+            "f:1",
+            {
+                "messages": [
+                    {"role": "user", "content": "Name a fruit."},
+                    {"role": "assistant", "content": "Apple."},
+                ]
+            },
+        ),
+        (
+            "f:2",
+            {
+                "messages": [
+                    {"role": "user", "content": "Name a tree."},
+                    {"role": "assistant", "content": "Oak."},
+                ]
+            },
+        ),
+    ]
+    result = curate_rows(rows, CurationSettings(score=score, languages=None), scorers)
+    # The random-weights judge gives no rating: each row scores 0, below the 1-10 scale, and is removed.
+    assert result.scores == {"judge": [0.0, 0.0]} and len(result.removed["low_score"]) == 2
+
+    from alignment.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"score\.judge"):
+        build_scorers(ScoreSettings(judge={"base_url": "http://x"}))  # no model
