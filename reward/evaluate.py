@@ -652,6 +652,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         references=references if any(references) else None,
         top_k=config.error_analysis_top_k,
     )
+    if judge is not None:
+        judge.close()
     config.output_dir.mkdir(parents=True, exist_ok=True)
     (config.output_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     (config.output_dir / "eval.md").write_text(report_markdown(result), encoding="utf-8")

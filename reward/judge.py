@@ -225,7 +225,8 @@ class LLMJudge:
                     )
                 else:
                     error = f"{self.settings.base_url}: HTTP {response.status_code}"
-            time.sleep(min(2**attempt * 0.5, 8))
+            if attempt < self.settings.max_http_retries:
+                time.sleep(min(2**attempt * 0.5, 8))  # back off before the next try, not after the last
         raise JudgeError(f"judge unreachable after {self.settings.max_http_retries + 1} tries: {error}")
 
     def ask(self, kind: str, content: str, parse: Any) -> tuple[Any, str, bool]:
