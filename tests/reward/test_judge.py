@@ -46,9 +46,13 @@ class BiasedJudge:
 
 
 def settings(tmp_path: Path, **kw: object) -> JudgeSettings:
-    return JudgeSettings(
-        base_url="http://judge.test/v1", model="fake", api_key_env=None, cache_dir=tmp_path / "cache", **kw
-    )
+    values = {
+        "base_url": "http://judge.test/v1",
+        "model": "fake",
+        "api_key_env": None,
+        "cache_dir": tmp_path / "cache",
+    }
+    return JudgeSettings(**(values | kw))
 
 
 # 10 prompts: candidate better on 3, baseline better on 3, equally good on 4 -> true win rate 0.5.
@@ -150,3 +154,17 @@ def test_a_pair_won_in_one_order_and_tied_in_the_other_leans_to_a_win(tmp_path: 
     )
     assert result.scores == [0.75]
     assert (result.summary()["wins"], result.summary()["ties"], result.summary()["losses"]) == (1, 0, 0)
+
+
+def test_server_errors_are_retried_and_an_unreachable_judge_is_a_clear_error(tmp_path: Path) -> None:
+    calls = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(503) if len(calls) == 1 else BiasedJudge.reply("[[A]]")
+
+    judge = LLMJudge(settings(tmp_path, max_http_retries=1), transport=httpx.MockTransport(flaky))
+    assert judge.ask("pairwise", "q", parse_pairwise)[0] == "A" and len(calls) == 2
+    gone = LLMJudge(settings(tmp_path, base_url="http://127.0.0.1:9/v1", max_http_retries=0, cache_dir=None))
+    with pytest.raises(JudgeError, match="judge unreachable after 1 tries"):
+        gone.compare(["q"], ["a"], ["b"])
