@@ -41,20 +41,30 @@ def score_command(
         assert input_path is not None
         rows = list(read_rows(input_path))
         prompts, responses, slots = [], [], []
+        pairs: tuple[list, list, list, list] = ([], [], [], [])  # prompt, chosen, rejected, row
         for i, (where, row) in enumerate(rows):
             keys = [k for k in ("response", "chosen", "rejected") if k in row]
             if not keys:
                 raise DataError(f"{where}: row needs 'response' or 'chosen'/'rejected' to score")
             messages = prompt_messages(row, where)
-            for key in keys:
-                value = row[key]
+            texts = {k: row[k] if isinstance(row[k], str) else row[k][-1]["content"] for k in keys}
+            if "chosen" in texts and "rejected" in texts:  # one packed row: the prompt runs once
+                for part, value in zip(
+                    pairs, (messages, texts.pop("chosen"), texts.pop("rejected"), i), strict=True
+                ):
+                    part.append(value)
+            for key, text in texts.items():
                 prompts.append(messages)
-                responses.append(value if isinstance(value, str) else value[-1]["content"])
+                responses.append(text)
                 slots.append((i, f"reward_{key}" if key != "response" else "reward"))
-        rewards = scorer(prompts, responses)
+        rewards = scorer(prompts, responses) if prompts else []
         scored = [dict(row) for _, row in rows]
         for (i, key), value in zip(slots, rewards, strict=True):
             scored[i][key] = value
+        if pairs[0]:
+            chosen_rewards, rejected_rewards = scorer.score_pairs(*pairs[:3])
+            for i, c, r in zip(pairs[3], chosen_rewards, rejected_rewards, strict=True):
+                scored[i]["reward_chosen"], scored[i]["reward_rejected"] = c, r
         if output is not None:
             write_jsonl(output, scored)
         else:
