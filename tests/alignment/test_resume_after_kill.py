@@ -1,4 +1,4 @@
-"""Local training (SFT, DPO, reward) SIGKILLed mid-run resumes from its last complete checkpoint and ends at the same step.
+"""Local training (SFT, DPO, KTO, reward) SIGKILLed mid-run resumes from its last complete checkpoint and ends at the same step.
 
 A child process trains tiny-random with a checkpoint every 2 steps; once a checkpoint exists it is
 SIGKILLed (no cleanup, no final save), and a torn checkpoint with a higher step is left beside the
@@ -36,6 +36,8 @@ if stage == "sft":
     from alignment.sft import SFTRunConfig as Config, train_sft as train
 elif stage == "dpo":
     from alignment.dpo import DPORunConfig as Config, train_dpo as train
+elif stage == "kto":
+    from alignment.kto import KTORunConfig as Config, train_kto as train
 else:
     from reward.trainer import RewardRunConfig as Config, train_reward as train
 train(load_config(Config, None, overrides))
@@ -79,7 +81,7 @@ def _overrides(stage: str, tiny_model: Path, tmp_path: Path) -> list[str]:
     return [*pairs, f"dpo.reference_cache_dir={tmp_path / 'ref-cache'}"] if stage == "dpo" else pairs
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "reward"])
 def test_a_sigkilled_run_resumes_from_its_last_complete_checkpoint(
     stage: str, tiny_model: Path, tmp_path: Path
 ) -> None:
