@@ -22,15 +22,17 @@ def prefloop_home() -> Path:
     return Path(os.environ.get("PREFLOOP_HOME", default)).expanduser()
 
 
-def contained(root: Path, name: str | Path, what: str = "name") -> Path:
+def contained(root: Path, name: str | Path, what: str = "name", *, allow_absolute: bool = False) -> Path:
     """`root / name`, refused when `name` is absolute or its resolved path leaves `root`.
 
     Symlinks are resolved on both sides, so a link pointing out of `root` is refused as well.
+    With `allow_absolute`, an absolute `name` is accepted when it resolves inside `root` (an
+    adapter path a registry row or a client gives in full); it is returned as given.
     """
     text = str(name)
     if not text or "\x00" in text:
         raise PathEscapeError(f"{what} {text!r}: empty or contains NUL")
-    if Path(text).is_absolute():
+    if Path(text).is_absolute() and not allow_absolute:
         raise PathEscapeError(f"{what} {text!r}: must be relative to {root}")
     base = root.resolve()
     target = (base / text).resolve()

@@ -243,7 +243,7 @@ def registry_list(
 
     with serving_errors():
         cfg = _loop_config(config, overrides)
-        registry = ModelRegistry(_store(cfg.serve.store_url))
+        registry = ModelRegistry(_store(cfg.serve.store_url), cfg.serve.adapters_root)
         versions = [asdict(v) for v in registry.list()]
         current = registry.current()
     if as_json:
@@ -278,7 +278,7 @@ def registry_promote(
 
     with serving_errors():
         cfg = _loop_config(config, overrides)
-        ModelRegistry(_store(cfg.serve.store_url)).promote(version)
+        ModelRegistry(_store(cfg.serve.store_url), cfg.serve.adapters_root).promote(version)
         _swap(cfg, server_url)
     console.print(f"current: {version}")
 
@@ -297,7 +297,7 @@ def registry_rollback(
 
     with serving_errors():
         cfg = _loop_config(config, overrides)
-        now = ModelRegistry(_store(cfg.serve.store_url)).rollback(to)
+        now = ModelRegistry(_store(cfg.serve.store_url), cfg.serve.adapters_root).rollback(to)
         _swap(cfg, server_url)
     console.print(f"current: {now.id if now else 'base'}")
 

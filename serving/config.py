@@ -13,6 +13,7 @@ from pydantic import AfterValidator, Discriminator, Field, SecretStr, Tag, model
 from alignment.config import StrictModel
 from alignment.devices import DTypeName
 from alignment.models import DEFAULT_MODEL
+from alignment.paths import PathEscapeError, contained
 from reward.judge import JudgeSettings
 
 
@@ -140,6 +141,12 @@ class ServeConfig(StrictModel):
     adapters: dict[str, str] = Field(
         default_factory=dict, description="Extra adapters to load: name -> path."
     )
+    adapters_root: Path | None = Field(
+        None,
+        description="Directory every served adapter must resolve inside: the `adapters:` entries, "
+        "POST /admin/adapters and registry versions (relative paths are taken from it). "
+        "Unset: paths are used as given.",
+    )
     store_url: str | None = Field(
         None, description="SQLAlchemy URL; default SQLite in $PREFLOOP_HOME/serving."
     )
@@ -155,6 +162,21 @@ class ServeConfig(StrictModel):
     api_docs: bool = Field(
         False, description="Serve /docs and /redoc (with a key, like /openapi.json); off by default."
     )
+
+    def adapter_path(self, path: str | Path, what: str = "adapter path") -> Path:
+        """`path` checked against `adapters_root` (PathEscapeError when it resolves outside)."""
+        if self.adapters_root is None:
+            return Path(path)
+        return contained(self.adapters_root, path, what, allow_absolute=True)
+
+    @model_validator(mode="after")
+    def _adapters_stay_inside_their_root(self) -> ServeConfig:
+        for name, path in self.adapters.items():
+            try:
+                self.adapter_path(path, f"adapters.{name}")
+            except PathEscapeError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 class TriggerSettings(StrictModel):
@@ -230,6 +252,16 @@ class LoopConfig(StrictModel):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     server_url: str | None = Field(None, description="Running server to hot-swap after a promotion.")
+
+    @model_validator(mode="after")
+    def _output_dir_is_servable(self) -> LoopConfig:
+        # Candidates the loop trains must be loadable by the server that shares its registry.
+        if self.serve.adapters_root is not None:
+            try:
+                self.serve.adapter_path(self.output_dir.absolute(), "output_dir")
+            except PathEscapeError as exc:
+                raise ValueError(f"{exc} (serve.adapters_root)") from None
+        return self
 
     @model_validator(mode="after")
     def _gate_has_its_inputs(self) -> LoopConfig:

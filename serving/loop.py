@@ -143,7 +143,7 @@ def run_once(
     admin_key: str | None = None,
 ) -> LoopResult:
     """One turn of the loop; returns what happened."""
-    registry = ModelRegistry(store)
+    registry = ModelRegistry(store, config.serve.adapters_root)
     data = ingest(store, config.ingest.output_dir, config.ingest.min_rating_gap)
     if config.ingest.review:
         data = review_pairs(data, config)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
+from alignment.paths import PathEscapeError, contained
 from serving.feedback_store import FeedbackStore, ModelVersion, Promotion, utcnow
 
 
@@ -40,8 +42,24 @@ class VersionInfo:
 
 
 class ModelRegistry:
-    def __init__(self, store: FeedbackStore):
+    def __init__(self, store: FeedbackStore, adapters_root: Path | None = None):
         self.store = store
+        # When set (ServeConfig.adapters_root), no version may point at an adapter outside it.
+        self.adapters_root = adapters_root
+
+    def _check_adapter(self, version_id: str, path: str | None) -> Path | None:
+        if path is None or self.adapters_root is None:
+            return None if path is None else Path(path)
+        try:
+            return contained(
+                self.adapters_root, path, f"version {version_id} adapter_path", allow_absolute=True
+            )
+        except PathEscapeError as exc:
+            raise RegistryError(str(exc)) from None
+
+    def adapter_of(self, version: VersionInfo) -> Path | None:
+        """The version's adapter dir, refused (RegistryError) when it lies outside `adapters_root`."""
+        return self._check_adapter(version.id, version.adapter_path)
 
     def register(
         self,
@@ -52,6 +70,7 @@ class ModelRegistry:
         config: dict[str, Any] | None = None,
         eval_result: dict[str, Any] | None = None,
     ) -> VersionInfo:
+        self._check_adapter("(new)", adapter_path)
         with self.store.session() as session:
             n = session.scalar(select(func.count()).select_from(ModelVersion)) or 0
             row = ModelVersion(
@@ -69,6 +88,7 @@ class ModelRegistry:
             return VersionInfo.of(row)
 
     def update(self, version_id: str, **fields: Any) -> VersionInfo:
+        self._check_adapter(version_id, fields.get("adapter_path"))
         with self.store.session() as session:
             row = self._row(session, version_id)
             for name, value in fields.items():
@@ -111,6 +131,7 @@ class ModelRegistry:
             row = self._row(session, version_id)
             if row.adapter_path is None:
                 raise RegistryError(f"version {version_id} has no adapter to serve")
+            self._check_adapter(version_id, row.adapter_path)
             row.status, row.promoted_at = "promoted", utcnow()
             session.add(Promotion(version_id=version_id, action="promote"))
             session.commit()

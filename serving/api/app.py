@@ -28,10 +28,10 @@ def create_app(settings: ServeConfig, engine: GenerationEngine, store: fs.Feedba
         redoc_url="/redoc" if settings.api_docs else None,
     )
     keys = KeyRing(settings.auth)
-    services = Services(settings, engine, store, ModelRegistry(store), keys)
+    services = Services(settings, engine, store, ModelRegistry(store, settings.adapters_root), keys)
     app.state.services = services  # read only by serving.api.dependencies.services
     for name, path in settings.adapters.items():
-        engine.load_adapter(name, path)
+        engine.load_adapter(name, settings.adapter_path(path, f"adapters.{name}"))
     services.sync_current()
 
     install_error_handlers(app)

@@ -64,7 +64,9 @@ class Services:
         if version is None:
             previous = self.engine.swap(CURRENT_ALIAS, None)
         else:
-            previous = self.engine.swap(CURRENT_ALIAS, version.id, version.adapter_path)
+            # A row written by another process is checked like any other adapter path.
+            adapter = self.registry.adapter_of(version)
+            previous = self.engine.swap(CURRENT_ALIAS, version.id, adapter)
         return {
             "current": version.id if version else None,
             "previous": self.engine.version_of(previous) if previous else None,
