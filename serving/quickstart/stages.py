@@ -64,7 +64,7 @@ class Context:
             # Our own server home and a free port: an existing `prefloop annotate up` workspace or a
             # second quickstart never collides with this one.
             settings = ServerSettings(
-                home=str(self.root / "argilla"), port=workspace.free_port(), startup_timeout_s=300
+                home=str((self.root / "argilla").resolve()), port=workspace.free_port(), startup_timeout_s=300
             )
             workspace.down(settings)  # processes a killed earlier run left behind (recorded pids only)
             self.stack.callback(workspace.down, settings)
