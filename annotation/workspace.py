@@ -124,7 +124,8 @@ def _start_time(pid: int) -> str | None:
 
 def _is_ours(info: dict) -> bool:
     """Alive, and still the process we started: pids get reused, (pid, start time) does not."""
-    return _start_time(info["pid"]) == info["started"]
+    # a process that died before its start time was read was recorded with None: not alive
+    return info["started"] is not None and _start_time(info["pid"]) == info["started"]
 
 
 def server_env(settings: ServerSettings, creds: dict[str, str], redis_url: str) -> dict[str, str]:
