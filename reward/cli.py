@@ -82,7 +82,8 @@ def eval_command(
     """Candidate vs baseline on held-out prompts: win rates (reward model, LLM judge), KL, length,
     perplexity, reference metrics, error analysis (eval.json/.md/.png)."""
     from alignment.config import load_config
-    from reward.evaluate import EvalConfig, print_comparison, run_eval
+    from reward.eval_report import print_comparison
+    from reward.evaluate import EvalConfig, run_eval
 
     sugar = [
         f"{key}={value}"

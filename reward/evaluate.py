@@ -17,15 +17,15 @@ reference model - e.g. the SFT adapter a DPO adapter started from.
 
 `compare_models` is the Python entry point (the serving loop's promotion gate calls it);
 `run_eval(EvalConfig)` adds loading from files and writes eval.json, eval.md and eval.png.
-All sampling goes through `sample_responses`.
+All sampling goes through `sample_responses`. What is measured per model lives in
+`reward.policy_metrics`, the held-out prompts in `reward.eval_data`, the worst losses in
+`reward.error_analysis`, and the table, eval.md and eval.png in `reward.eval_report`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +34,24 @@ import torch
 from pydantic import Field
 
 from alignment.config import StrictModel
-from alignment.data_files import read_rows
 from alignment.devices import DevicePlan, DTypeName, plan_device
 from alignment.messages import Message
 from alignment.models import DEFAULT_MODEL, adapter_base_model, load_tokenizer, load_with_adapter
-from alignment.preference_data import (
-    EXAMPLE_PREFERENCES,
-    in_eval_split,
-    load_preference_rows,
-    pair_id,
-    prompt_messages,
-    to_canonical,
-)
-from alignment.sft_data import load_conversations, to_prompt_completion
+from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
+from alignment.sft_data import load_conversations
+from reward.error_analysis import judge_losses, reward_losses
+from reward.eval_data import load_eval_items
+from reward.eval_report import plot_comparison, report_markdown
 from reward.judge import JudgeSettings, LLMJudge
+from reward.policy_metrics import (
+    device_of,
+    implicit_reward_accuracy,
+    mean_kl,
+    perplexity,
+    reference_metrics,
+    reference_of,
+    sequence_logprobs,
+)
 from reward.win_rate import outcomes, win_rate_with_ci
 
 Messages = list[Message]
@@ -116,53 +120,7 @@ class EvalConfig(StrictModel):
     output_dir: Path = Path("runs/eval")
 
 
-# --- prompts -------------------------------------------------------------------------------------
-
-
-def _reference(row: dict[str, Any], canonical: dict[str, Any] | None) -> str | None:
-    """A reference answer where the row has one: a pair's chosen reply, a conversation's last reply,
-    or a `reference` string."""
-    if canonical is not None:
-        return canonical["chosen"][-1]["content"]
-    if isinstance(row.get("reference"), str):
-        return row["reference"]
-    messages = row.get("messages")
-    if isinstance(messages, list) and len(messages) > 1 and isinstance(messages[-1], dict):
-        last = messages[-1]
-        if last.get("role") == "assistant" and isinstance(last.get("content"), str):
-            return last["content"]
-    return None
-
-
-def load_eval_items(
-    path: Path, eval_fraction: float | None, limit: int
-) -> tuple[list[Messages], list[str | None]]:
-    """(prompts, reference answers or None) of the held-out split, keyed by the hashed id training split on."""
-    prompts, references = [], []
-    for where, row in read_rows(Path(path)):
-        canonical = None
-        if "chosen" in row and "rejected" in row:
-            canonical = to_canonical(row, where)
-            prompt, row_id = canonical["prompt"], canonical["id"]
-        else:
-            prompt = prompt_messages(row, where)
-            row_id = str(row["id"]) if row.get("id") is not None else pair_id(prompt, [], [])
-        if eval_fraction is None or in_eval_split(row_id, eval_fraction):
-            prompts.append(prompt)
-            references.append(_reference(row, canonical))
-    return prompts[:limit], references[:limit]
-
-
-def load_eval_prompts(path: Path, eval_fraction: float | None, limit: int) -> list[Messages]:
-    """Prompts of the held-out split, keyed by the same hashed id training split on."""
-    return load_eval_items(path, eval_fraction, limit)[0]
-
-
-# --- generation and log-probs --------------------------------------------------------------------
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+# --- sampling and the comparison ------------------------------------------------------------
 
 
 @torch.inference_mode()
@@ -187,8 +145,8 @@ def sample_responses(
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(b)) + b for b in batch])
         attention_mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
         out = model.generate(
-            input_ids=input_ids.to(_device(model)),
-            attention_mask=attention_mask.to(_device(model)),
+            input_ids=input_ids.to(device_of(model)),
+            attention_mask=attention_mask.to(device_of(model)),
             max_new_tokens=sampling.max_new_tokens,
             do_sample=sampling.temperature > 0,
             temperature=sampling.temperature if sampling.temperature > 0 else None,
@@ -199,129 +157,6 @@ def sample_responses(
         for row in out[:, width:].tolist():
             responses.append(row[: row.index(eos) + 1] if eos in row else row)
     return prompt_ids, responses
-
-
-@torch.inference_mode()
-def sequence_logprobs(
-    model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int = 8
-) -> list[np.ndarray]:
-    """Per-token log pi(y_t | x, y_<t) of each response given its prompt."""
-    out: list[np.ndarray] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        prompts, responses = prompt_ids[start : start + batch_size], response_ids[start : start + batch_size]
-        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-        width = max(map(len, seqs))
-        input_ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=_device(model))
-        attention_mask = torch.tensor(
-            [[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=_device(model)
-        )
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        # Position t predicts token t+1.
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            out.append(logps[i, len(p) - 1 : len(p) - 1 + len(r)].cpu().numpy())
-    return out
-
-
-@contextlib.contextmanager
-def reference_of(
-    model: torch.nn.Module, reference: torch.nn.Module | None = None
-) -> Iterator[torch.nn.Module]:
-    """The reference policy: an explicit one, else the same weights with the LoRA adapter switched off."""
-    if reference is not None:
-        yield reference
-    elif hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        yield model
-
-
-def mean_kl(policy_logps: list[np.ndarray], reference_logps: list[np.ndarray]) -> float:
-    per_sequence = [
-        float(np.mean(p - q)) for p, q in zip(policy_logps, reference_logps, strict=True) if len(p)
-    ]
-    return float(np.mean(per_sequence)) if per_sequence else 0.0
-
-
-def implicit_reward_accuracy(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    pairs: list[dict[str, Any]],
-    beta: float,
-    batch_size: int,
-    reference: torch.nn.Module | None = None,
-) -> dict[str, float]:
-    """DPO's implicit reward r = beta * log(pi / pi_ref) ranks held-out chosen above rejected how often?"""
-
-    def encode(messages: Messages) -> list[int]:
-        return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
-            "input_ids"
-        ]
-
-    prompt_ids, response_ids = [], []
-    for side in ("chosen", "rejected"):
-        for row in pairs:
-            prompt = encode_prompt(tokenizer, row["prompt"])
-            full = encode(row["prompt"] + row[side])
-            prompt_ids.append(prompt)
-            response_ids.append(full[len(prompt) :])
-    policy = sequence_logprobs(model, prompt_ids, response_ids, batch_size)
-    with reference_of(model, reference) as ref:
-        reference_logps = sequence_logprobs(ref, prompt_ids, response_ids, batch_size)
-    rewards = np.array([beta * float(np.sum(p - q)) for p, q in zip(policy, reference_logps, strict=True)])
-    n = len(pairs)
-    margins = rewards[:n] - rewards[n:]
-    return {
-        "implicit_reward_accuracy": float(np.mean(margins > 0)),
-        "implicit_reward_margin": float(margins.mean()),
-    }
-
-
-def encode_prompt(tokenizer: Any, prompt: Messages) -> list[int]:
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def perplexity(
-    model: torch.nn.Module, tokenizer: Any, conversations: list[Messages], batch_size: int = 8
-) -> dict[str, float]:
-    """exp(mean NLL per assistant token) over every assistant turn of held-out conversations, each
-    given the conversation before it (the tokens SFT trains on, end-of-turn tokens included)."""
-    examples = to_prompt_completion(conversations)
-    prompt_ids, response_ids = [], []
-    for ex in examples:
-        prompt = encode_prompt(tokenizer, ex["prompt"])
-        text = tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=False)
-        full = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompt_ids.append(prompt)
-        response_ids.append(full[len(prompt) :])
-    logps = sequence_logprobs(model, prompt_ids, response_ids, batch_size)
-    tokens = sum(len(lp) for lp in logps)
-    nll = -sum(float(lp.sum()) for lp in logps)
-    return {"perplexity": math.exp(nll / tokens) if tokens else float("nan"), "heldout_tokens": tokens}
-
-
-def reference_metrics(predictions: list[str], references: list[str | None]) -> dict[str, float]:
-    """ROUGE-L F1 (mean over answers), corpus BLEU and chrF, on the answers that have a reference."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    pairs = [(p, r) for p, r in zip(predictions, references, strict=True) if r]
-    if not pairs:
-        return {}
-    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
-    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge_l = [rouge.score(r, p)["rougeL"].fmeasure for p, r in pairs]
-    return {
-        "rouge_l": float(np.mean(rouge_l)),
-        "bleu": float(sacrebleu.corpus_bleu(preds, [refs]).score),
-        "chrf": float(sacrebleu.corpus_chrf(preds, [refs]).score),
-        "references": len(pairs),
-    }
-
-
-# --- the comparison ------------------------------------------------------------------------------
 
 
 def evaluate_policy(
@@ -428,195 +263,6 @@ def compare_models(
         result["perplexity_increase"] = cand["perplexity"] / base["perplexity"] - 1
     result["error_analysis"] = analysis
     return result
-
-
-def _prompt_text(prompt: Messages) -> str:
-    return prompt[-1]["content"] if prompt else ""
-
-
-def reward_losses(
-    prompts: list[Messages], cand: dict[str, Any], base: dict[str, Any], tie_tolerance: float, top_k: int
-) -> list[dict[str, Any]]:
-    """The prompts the candidate lost by the largest reward margin, with both answers."""
-    margins = np.array(cand["rewards"]) - np.array(base["rewards"])
-    order = [int(i) for i in np.argsort(margins, kind="stable") if margins[i] < -tie_tolerance]
-    return [
-        {
-            "prompt": _prompt_text(prompts[i]),
-            "candidate": cand["responses"][i],
-            "baseline": base["responses"][i],
-            "candidate_reward": cand["rewards"][i],
-            "baseline_reward": base["rewards"][i],
-            "margin": float(margins[i]),
-        }
-        for i in order[:top_k]
-    ]
-
-
-def judge_losses(
-    prompts: list[Messages],
-    cand: dict[str, Any],
-    base: dict[str, Any],
-    scores: list[float | None],
-    verdicts: list[tuple[Any, Any]],
-    top_k: int,
-) -> list[dict[str, Any]]:
-    """The prompts the judge gave to the baseline, lost in both orders first."""
-    lost = sorted((s, i) for i, s in enumerate(scores) if s is not None and s < 0.5)
-    return [
-        {
-            "prompt": _prompt_text(prompts[i]),
-            "candidate": cand["responses"][i],
-            "baseline": base["responses"][i],
-            "judge_score": s,
-            "verdicts": {"candidate_first": verdicts[i][0], "baseline_first": verdicts[i][1]},
-        }
-        for s, i in lost[:top_k]
-    ]
-
-
-SUMMARY_KEYS = (
-    "mean_reward",
-    "kl_to_reference",
-    "mean_length",
-    "ended_with_eos",
-    "implicit_reward_accuracy",
-    "perplexity",
-    "rouge_l",
-    "bleu",
-    "chrf",
-)
-
-
-def _ci(interval: list[float] | None) -> str:
-    return f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
-
-
-def win_rate_rows(result: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(judge, win rate with its 95% interval, W/T/L) for each judge of the comparison."""
-    rows = [
-        (
-            "reward model",
-            f"{result['win_rate']:.3f} {_ci(result.get('win_rate_ci95'))}",
-            f"W {result['wins']} / T {result['ties']} / L {result['losses']}",
-        )
-    ]
-    if judge := result.get("judge"):
-        bias = (
-            f", picks A {judge['position_bias']:.2f}"
-            if judge["position_bias"] == judge["position_bias"]
-            else ""
-        )
-        rows.append(
-            (
-                f"LLM judge ({judge['model']})",
-                f"{judge['win_rate']:.3f} {_ci(judge.get('win_rate_ci95'))}",
-                f"W {judge['wins']} / T {judge['ties']} / L {judge['losses']}, "
-                f"{judge['parse_failures']} parse failures{bias}",
-            )
-        )
-    return rows
-
-
-def print_comparison(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"candidate vs baseline on {result['prompts']} prompts")
-    table.add_column("metric")
-    table.add_column("candidate", justify="right")
-    table.add_column("baseline", justify="right")
-    table.add_row("model", result["candidate"]["model"], result["baseline"]["model"])
-    for key in SUMMARY_KEYS:
-        cells = [result[side].get(key) for side in ("candidate", "baseline")]
-        if any(c is not None for c in cells):
-            table.add_row(key, *("-" if c is None else f"{c:.4g}" for c in cells))
-    if "perplexity_increase" in result:
-        table.add_row("perplexity increase", f"{result['perplexity_increase']:+.2%}", "")
-    for judge, rate, counts in win_rate_rows(result):
-        table.add_row(f"win rate by {judge} (95% CI)", rate, counts)
-    console = Console()
-    console.print(table)
-    for judge, losses in result.get("error_analysis", {}).items():
-        if not losses:
-            continue
-        worst = Table(title=f"where the candidate lost most (by {judge})", show_lines=True)
-        for column in ("prompt", "candidate", "baseline", "score"):
-            worst.add_column(column, overflow="fold", max_width=48 if column != "score" else 18)
-        for row in losses:
-            score = (
-                f"{row['candidate_reward']:.3g} vs {row['baseline_reward']:.3g}"
-                if "margin" in row
-                else f"judge {row['judge_score']:.2f}"
-            )
-            worst.add_row(row["prompt"], row["candidate"], row["baseline"], score)
-        console.print(worst)
-
-
-def _cell(text: Any, limit: int = 200) -> str:
-    text = str(text).replace("\n", " ").replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def report_markdown(result: dict[str, Any]) -> str:
-    """eval.md: the metrics table, every win rate with its interval, and the error analysis."""
-    cand, base = result["candidate"], result["baseline"]
-    lines = [
-        f"# Evaluation: candidate vs baseline on {result['prompts']} prompts",
-        "",
-        "| metric | candidate | baseline |",
-        "| --- | ---: | ---: |",
-        f"| model | {_cell(cand['model'])} | {_cell(base['model'])} |",
-    ]
-    for key in SUMMARY_KEYS:
-        cells = [cand.get(key), base.get(key)]
-        if any(c is not None for c in cells):
-            lines.append(f"| {key} | " + " | ".join("-" if c is None else f"{c:.4g}" for c in cells) + " |")
-    lines += ["", "| judge | win rate [95% CI] | outcome |", "| --- | --- | --- |"]
-    lines += [f"| {j} | {r} | {c} |" for j, r, c in win_rate_rows(result)]
-    if "perplexity_increase" in result:
-        lines.append(f"\nPerplexity increase of the candidate: {result['perplexity_increase']:+.2%}.")
-    for judge, losses in result.get("error_analysis", {}).items():
-        lines += ["", f"## Where the candidate lost most (by {judge})", ""]
-        if not losses:
-            lines.append("No losses.")
-            continue
-        lines += ["| prompt | candidate | baseline | score |", "| --- | --- | --- | --- |"]
-        for row in losses:
-            score = (
-                f"{row['candidate_reward']:.3g} vs {row['baseline_reward']:.3g}"
-                if "margin" in row
-                else f"{row['judge_score']:.2f}"
-            )
-            lines.append(
-                f"| {_cell(row['prompt'])} | {_cell(row['candidate'])} | {_cell(row['baseline'])} | {score} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def plot_comparison(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    cand, base = np.array(result["candidate"]["rewards"]), np.array(result["baseline"]["rewards"])
-    bins = np.linspace(min(cand.min(), base.min()), max(cand.max(), base.max()) + 1e-6, 20)
-    left.hist(base, bins=bins, alpha=0.6, label="baseline")
-    left.hist(cand, bins=bins, alpha=0.6, label="candidate")
-    left.set(xlabel="reward", ylabel="responses", title="Reward of sampled responses")
-    left.legend()
-    right.bar(
-        ["wins", "ties", "losses"],
-        [result["wins"], result["ties"], result["losses"]],
-        color=["tab:green", "tab:grey", "tab:red"],
-    )
-    right.set_title(f"Candidate win rate {result['win_rate']:.2f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:

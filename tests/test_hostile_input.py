@@ -30,7 +30,8 @@ from alignment.preference_data import (
 from alignment.sft import SFTRunConfig
 from alignment.sft_curation import CurationSettings, curate_rows
 from alignment.sft_data import load_conversations, to_conversation
-from reward.evaluate import EvalConfig, load_eval_items
+from reward.eval_data import load_eval_items
+from reward.evaluate import EvalConfig
 
 OURS = (DataError, ConfigError)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -54,18 +54,19 @@ def test_adapter_candidate_has_positive_kl_and_implicit_reward_accuracy(
         }
         for p in PROMPTS
     ]
+    # KL from samples is non-negative only in expectation: over 4 prompts x 8 tokens its standard
+    # error (0.04) is twice the mean (0.017 +- 0.008 over 30 seeds, measured), so estimate it on 64.
+    prompts = [[{"role": "user", "content": f"Say something {i}"}] for i in range(64)]
     result = compare_models(
-        ModelSpec(adapter=random_adapter), ModelSpec(model=str(tiny_model)), scorer, PROMPTS, SAMPLING, pairs
+        ModelSpec(adapter=random_adapter), ModelSpec(model=str(tiny_model)), scorer, prompts, SAMPLING, pairs
     )
     cand = result["candidate"]
-    assert result["wins"] + result["ties"] + result["losses"] == 4
-    assert (
-        cand["kl_to_reference"] > 0.01
-    )  # KL of a sampled policy to its reference is non-negative in expectation
+    assert result["wins"] + result["ties"] + result["losses"] == 64
+    assert cand["kl_to_reference"] > 0.0
     assert 0.0 <= cand["implicit_reward_accuracy"] <= 1.0
     assert "implicit_reward_accuracy" not in result["baseline"]
     assert 1 <= cand["mean_length"] <= SAMPLING.max_new_tokens
-    assert len(cand["rewards"]) == 4
+    assert len(cand["rewards"]) == 64
 
 
 def test_eval_cli_writes_json_and_plot(
@@ -132,7 +133,7 @@ def test_perplexity_matches_a_hand_computed_value(tiny_model: Path) -> None:
     import torch
 
     from alignment.models import load_causal_lm, load_tokenizer
-    from reward.evaluate import perplexity
+    from reward.policy_metrics import perplexity
 
     tokenizer, model = load_tokenizer(tiny_model), load_causal_lm(tiny_model).eval()
     conversations = [
@@ -162,7 +163,7 @@ def test_perplexity_matches_a_hand_computed_value(tiny_model: Path) -> None:
 
 
 def test_reference_metrics_and_win_rate_intervals() -> None:
-    from reward.evaluate import reference_metrics
+    from reward.policy_metrics import reference_metrics
     from reward.win_rate import outcomes, win_rate_with_ci
 
     same = reference_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
@@ -187,7 +188,7 @@ def test_judge_perplexity_references_and_error_analysis_in_one_comparison(
 ) -> None:
     import httpx
 
-    from reward.evaluate import report_markdown
+    from reward.eval_report import report_markdown
     from reward.judge import JudgeSettings, LLMJudge
 
     def prefers_baseline_when_shown_second(request: httpx.Request) -> httpx.Response:
@@ -228,7 +229,7 @@ def test_judge_perplexity_references_and_error_analysis_in_one_comparison(
 
 
 def test_error_analysis_ranks_the_judges_worst_losses() -> None:
-    from reward.evaluate import judge_losses
+    from reward.error_analysis import judge_losses
 
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
     cand = {"responses": ["c0", "c1", "c2", "c3"]}
@@ -244,7 +245,7 @@ def test_error_analysis_ranks_the_judges_worst_losses() -> None:
 
 
 def test_error_analysis_ranks_the_reward_models_worst_losses() -> None:
-    from reward.evaluate import reward_losses
+    from reward.error_analysis import reward_losses
 
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
     cand = {"responses": ["c0", "c1", "c2", "c3"], "rewards": [0.0, 1.0, -2.0, 0.5]}
@@ -257,7 +258,7 @@ def test_error_analysis_ranks_the_reward_models_worst_losses() -> None:
 
 
 def test_error_analysis_is_printed_beside_the_baseline(capsys: pytest.CaptureFixture[str]) -> None:
-    from reward.evaluate import print_comparison, report_markdown
+    from reward.eval_report import print_comparison, report_markdown
 
     side = {
         "model": "m",
