@@ -44,7 +44,6 @@ from reward.eval_data import load_eval_items
 from reward.eval_report import plot_comparison, report_markdown
 from reward.judge import JudgeSettings, LLMJudge
 from reward.policy_metrics import (
-    device_of,
     implicit_reward_accuracy,
     mean_kl,
     perplexity,
@@ -127,7 +126,10 @@ class EvalConfig(StrictModel):
 def sample_responses(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Messages], sampling: SamplingSettings
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, response ids) per prompt; a response is cut after its first EOS, which it keeps."""
+    """(prompt ids, response ids) per prompt; a response is cut after its first EOS, which it keeps.
+    Sampled by the generation engine (alignment.generation), `batch_size` rows decoding at once."""
+    from alignment.generation import SamplingParams, policy_engine
+
     torch.manual_seed(sampling.seed)
     eos = tokenizer.eos_token_id
     prompt_ids = [
@@ -137,25 +139,11 @@ def sample_responses(
         )["input_ids"]
         for p in prompts
     ]
-    responses: list[list[int]] = []
-    for start in range(0, len(prompt_ids), sampling.batch_size):
-        batch = prompt_ids[start : start + sampling.batch_size]
-        width = max(map(len, batch))
-        # Left padding: every prompt ends where generation starts.
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(b)) + b for b in batch])
-        attention_mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
-        out = model.generate(
-            input_ids=input_ids.to(device_of(model)),
-            attention_mask=attention_mask.to(device_of(model)),
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=sampling.temperature > 0,
-            temperature=sampling.temperature if sampling.temperature > 0 else None,
-            top_p=sampling.top_p if sampling.temperature > 0 else None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-        )
-        for row in out[:, width:].tolist():
-            responses.append(row[: row.index(eos) + 1] if eos in row else row)
+    engine = policy_engine(model, tokenizer, max_batch_size=sampling.batch_size, eos_token_ids=[eos])
+    greedy = sampling.temperature == 0
+    params = SamplingParams(sampling.temperature, 1.0 if greedy else sampling.top_p, sampling.max_new_tokens)
+    seqs = engine.generate(prompt_ids, params, engine.merged)
+    responses = [s.tokens + ([s.eos_token] if s.eos_token is not None else []) for s in seqs]
     return prompt_ids, responses
 
 
