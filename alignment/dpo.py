@@ -38,6 +38,7 @@ import torch
 from datasets import Dataset
 from pydantic import Field
 from rich.progress import Progress
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 from trl import DPOConfig
@@ -122,24 +123,42 @@ class DPORunConfig(PolicyRunConfig):
 # --- completion-only LM head, prompt shared by the two responses of a pair -------------------------------
 
 
-def completion_log_probs(
+LM_HEAD_CHUNK = 256  # scored positions per LM-head chunk: (256, V) logits at a time, never (N, V)
+
+
+def _chunk_log_z_and_stats(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    z = (hidden @ weight.t()).float()  # (n, V): the one big matmul, in the weights' dtype
+    log_z = torch.logsumexp(z, dim=-1)
+    with torch.no_grad():
+        z = z.detach()
+        entropy = log_z.detach() - (torch.exp(z - log_z.detach().unsqueeze(-1)) * z).sum(-1)
+        mean_logits = z.mean(-1)
+        is_top1 = z.argmax(-1) == targets
+    return log_z, entropy, mean_logits, is_top1
+
+
+def completion_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LM_HEAD_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """log p(target) for N scored positions, plus TRL's logged statistics (entropy, mean logit, top-1).
 
     hidden: (N, H) final hidden states; weight: (V, H) LM head; targets: (N,) next-token ids.
+    The logits are built `chunk` rows at a time and, when training, recomputed in the backward
+    (activation checkpointing per chunk): the fp32 (N, V) logits and their gradient, the largest
+    tensors of a long-pair DPO step, never exist whole.
     """
-    z = (hidden @ weight.t()).float()  # (N, V): the one big matmul, in the weights' dtype
-    log_z = torch.logsumexp(z, dim=-1)
+    parts = []
+    for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            parts.append(checkpoint(_chunk_log_z_and_stats, h, weight, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_log_z_and_stats(h, weight, t))
+    log_z, entropy, mean_logits, is_top1 = (torch.cat(p) for p in zip(*parts, strict=True))
     # The target's logit again, in fp32 from its own row of the head: N*H work, no bf16 rounding.
     target_logits = (hidden.float() * weight[targets].float()).sum(-1)
-    log_probs = target_logits - log_z
-    with torch.no_grad():
-        z = z.detach()
-        entropy = log_z - (torch.exp(z - log_z.unsqueeze(-1)) * z).sum(-1)
-        mean_logits = z.mean(-1)
-        is_top1 = z.argmax(-1) == targets
-    return log_probs, entropy, mean_logits, is_top1
+    return target_logits - log_z, entropy, mean_logits, is_top1
 
 
 @dataclass
