@@ -48,12 +48,13 @@ def chat(
 ) -> None:
     """Chat with a model (+ adapter), streaming tokens."""
     from alignment.chat import stream_reply
-    from alignment.models import DEFAULT_MODEL, adapter_base_model, load_tokenizer, load_with_adapter
+    from alignment.models import DEFAULT_MODEL, adapter_base_model
+    from alignment.policy import load_policy, load_policy_tokenizer
 
     with cli_errors():
         base = model or (adapter_base_model(adapter) if adapter else DEFAULT_MODEL)
-        tokenizer = load_tokenizer(adapter or base)
-        lm = load_with_adapter(base, adapter).eval()
+        tokenizer = load_policy_tokenizer(base, adapter)
+        lm = load_policy(base, adapter)[0].eval()
     history = [{"role": "system", "content": system}] if system else []
     prompts = [prompt] if prompt is not None else None
     while True:

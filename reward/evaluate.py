@@ -36,7 +36,8 @@ from pydantic import Field
 from alignment.config import StrictModel
 from alignment.devices import DevicePlan, DTypeName, plan_device
 from alignment.messages import Message
-from alignment.models import DEFAULT_MODEL, adapter_base_model, load_tokenizer, load_with_adapter
+from alignment.models import DEFAULT_MODEL, adapter_base_model
+from alignment.policy import load_policy, load_policy_tokenizer
 from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
 from alignment.sft_data import load_conversations
 from reward.error_analysis import judge_losses, reward_losses
@@ -160,8 +161,9 @@ def evaluate_policy(
     references: list[str | None] | None = None,
 ) -> dict[str, Any]:
     """Sample, score, and measure one model; returns summary numbers plus per-prompt rewards and answers."""
-    tokenizer = load_tokenizer(spec.base)
-    model = load_with_adapter(spec.base, spec.adapter, plan).eval()
+    # The one rule (alignment.policy): the adapter's own tokenizer when its run saved one.
+    tokenizer = load_policy_tokenizer(spec.base, spec.adapter)
+    model = load_policy(spec.base, spec.adapter, plan)[0].eval()
     prompt_ids, response_ids = sample_responses(model, tokenizer, prompts, sampling)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_ids]
     rewards = scorer(prompts, texts)
@@ -220,7 +222,7 @@ def compare_models(
     """
     sampling = sampling or SamplingSettings()
     plan = plan or plan_device()
-    ref = load_with_adapter(reference.base, reference.adapter, plan).eval() if reference else None
+    ref = load_policy(reference.base, reference.adapter, plan)[0].eval() if reference else None
     extra = {"heldout": heldout, "references": references}
     cand = evaluate_policy(candidate, prompts, scorer, sampling, plan, preference_pairs, beta, ref, **extra)
     base = evaluate_policy(baseline, prompts, scorer, sampling, plan, preference_pairs, beta, ref, **extra)

@@ -119,3 +119,30 @@ def test_models_list_shows_embedded_models() -> None:
     result = runner.invoke(app, ["models", "list"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "smollm2-135m-instruct" in result.output and "tiny-random" in result.output
+
+
+def _lora_adapter(base: Path, out: Path, chat_template: str | None = None) -> Path:
+    """A LoRA adapter dir; with `chat_template`, the run also saved its own tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignment.models import load_causal_lm, load_tokenizer
+
+    get_peft_model(load_causal_lm(base), LoraConfig(r=2, target_modules="all-linear")).save_pretrained(out)
+    if chat_template is not None:
+        tokenizer = load_tokenizer(base)
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def test_chat_takes_the_tokenizer_by_the_policy_rule(tiny_model: Path, tmp_path: Path) -> None:
+    # No tokenizer saved with the adapter: the base's is used (before, chat read the adapter dir).
+    bare = _lora_adapter(tiny_model, tmp_path / "bare")
+    ok = runner.invoke(
+        app, ["chat", "hi", "--model", str(tiny_model), "--adapter", str(bare), "--max-new-tokens", "2"]
+    )
+    assert ok.exit_code == 0, ok.output
+    # The adapter's own tokenizer wins when its run saved one: its template is the one rendered.
+    own = _lora_adapter(tiny_model, tmp_path / "own", "{{ raise_exception('the adapter template') }}")
+    result = runner.invoke(app, ["chat", "hi", "--model", str(tiny_model), "--adapter", str(own)])
+    assert "the adapter template" in str(result.exception) + result.output

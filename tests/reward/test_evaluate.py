@@ -277,3 +277,34 @@ def test_error_analysis_is_printed_beside_the_baseline(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "where the candidate lost most (by reward)" in out and "The Baltic." in out and "Rock." in out
     assert "| Name a sea. | Rock. | The Baltic. | -1 vs 2 |" in report_markdown(result)
+
+
+def test_eval_takes_the_adapters_own_tokenizer(tiny_model: Path, tmp_path: Path) -> None:
+    """alignment.policy's one rule: a candidate adapter that saved a tokenizer is sampled with it."""
+    from jinja2.exceptions import TemplateError
+    from peft import LoraConfig, get_peft_model
+
+    from alignment.devices import plan_device
+    from alignment.models import load_causal_lm, load_tokenizer
+    from reward.evaluate import evaluate_policy
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_causal_lm(tiny_model), LoraConfig(r=2, target_modules="all-linear")).save_pretrained(
+        adapter
+    )
+    tokenizer = load_tokenizer(tiny_model)
+    tokenizer.chat_template = "{{ raise_exception('the adapter template') }}"
+    tokenizer.save_pretrained(adapter)
+
+    def scorer(prompts, texts):
+        return [0.0] * len(texts)
+
+    with pytest.raises(TemplateError, match="the adapter template"):
+        evaluate_policy(
+            ModelSpec(model=str(tiny_model), adapter=adapter), PROMPTS, scorer, SAMPLING, plan_device()
+        )
+    (adapter / "tokenizer_config.json").unlink()  # no tokenizer of its own: the base's
+    result = evaluate_policy(
+        ModelSpec(model=str(tiny_model), adapter=adapter), PROMPTS, scorer, SAMPLING, plan_device()
+    )
+    assert len(result["responses"]) == len(PROMPTS)
