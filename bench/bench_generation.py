@@ -19,7 +19,9 @@ same drift of HF `generate`'s own step logits (the bf16 noise floor), and the en
 size. Times are wall and process CPU time (one thread: the work done, whatever the neighbours). `--profile` prints the torch profiler's top operators for one HF and
 one engine decode of 16 tokens. `--ppo` times PPO steps instead (16 prompts, 64 new tokens, 2 PPO
 epochs, `--repeats` steps): rollouts by the engine vs by HF generate (the pre-issue-13 sampler),
-each on a trainer built with the same seed, with the step's losses printed beside the times.
+each on a trainer built with the same seed (one after the other), with the step's losses printed
+beside the times. The samplers draw different random numbers, so the losses agree in
+distribution, not token for token.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def hf_generate_rollouts(policy, tokenizer, prompt_ids, prompts, generation, eng
 
 def bench_ppo(args: argparse.Namespace) -> None:
     """One PPO step (16 prompts, 64 new tokens, 2 epochs, LoRA r16, bf16), rollouts by the engine
-    vs by HF generate, each on its own trainer built with the same seed, alternating."""
+    vs by HF generate, each on its own trainer built with the same seed."""
     import tempfile
 
     import alignment.rl.ppo_trainer as ppo_trainer
@@ -163,32 +165,38 @@ def bench_ppo(args: argparse.Namespace) -> None:
         return [min(len(r), 200) / 100 for r in responses]
 
     print("load before:", uptime(), flush=True)
-    trainers = {}
+    import gc
+
+    original = ppo_trainer.generate_rollouts
+    stats: dict[str, list[dict[str, float]]] = {"engine": [], "hf": []}
+    times: dict[str, list[float]] = {"engine": [], "hf": []}
+    cpu: dict[str, list[float]] = {"engine": [], "hf": []}
     with tempfile.TemporaryDirectory() as tmp:
+        # One trainer at a time (two SmolLM2 PPO trainers at once did not fit beside the other
+        # engineers' jobs): same seed, so both start from the same weights and prompts.
         for name in ("engine", "hf"):
             overrides = [
                 f"model={args.model}", f"output_dir={tmp}/{name}", "tracking.report_to=none",
                 "training.dtype=bf16", "lora.r=16", "lora.dropout=0.0", "ppo.rollout_batch_size=16",
                 "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.generation.max_new_tokens=64",
             ]  # fmt: skip
-            config = load_config(PPORunConfig, None, overrides)
-            trainers[name] = ppo_trainer.build_ppo_trainer(config, reward)
-        original = ppo_trainer.generate_rollouts
-        stats: dict[str, list[dict[str, float]]] = {"engine": [], "hf": []}
-        times: dict[str, list[float]] = {"engine": [], "hf": []}
-        cpu: dict[str, list[float]] = {"engine": [], "hf": []}
-        for step in range(args.repeats):
-            for name, (trainer, prompts, prompt_ids) in trainers.items():
-                ppo_trainer.generate_rollouts = original if name == "engine" else hf_generate_rollouts
+            trainer, prompts, prompt_ids = ppo_trainer.build_ppo_trainer(
+                load_config(PPORunConfig, None, overrides), reward
+            )
+            ppo_trainer.generate_rollouts = original if name == "engine" else hf_generate_rollouts
+            for step in range(args.repeats):
                 torch.manual_seed(100 + step)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 stats[name].append(trainer.step(prompts[:16], prompt_ids[:16]))
                 times[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
+                print(name, step, f"{times[name][-1]:.1f} s", f"cpu {cpu[name][-1]:.1f} s", flush=True)
+            del trainer
+            gc.collect()
         ppo_trainer.generate_rollouts = original
+    figures: dict[str, object] = {"peak_rss_mib": round(peak_rss_mib(), 0)}
     print("load after:", uptime())
     keys = ("loss/policy", "loss/value", "objective/kl", "reward/raw", "rollout/eos_fraction")
-    figures: dict[str, object] = {}
     for name in ("hf", "engine"):
         figures[name] = {
             "step_s": [round(t, 1) for t in times[name]], "step_cpu_s": [round(t, 1) for t in cpu[name]],

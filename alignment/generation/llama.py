@@ -136,7 +136,10 @@ class LlamaWeights:
                         rows = proj[group][at : at + out]
                         rows.copy_(merge_into(rows, *adapter.weights[i, name]))
                     at += out
-            packed = {g: _pack(wt) for g, wt in proj.items()} if self.prepack else None
+            packed = None
+            if self.prepack:  # the packed copy is all a forward reads: drop the unpacked one
+                packed = {g: _pack(wt) for g, wt in proj.items()}
+                proj = {g: packed[g] if proj[g] is not layer.proj[g] else proj[g] for g in proj}
             copy.layers.append(Layer(layer.input_norm, layer.post_norm, proj, layer.bias, packed))
         return copy
 
