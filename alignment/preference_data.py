@@ -30,11 +30,10 @@ from pydantic import Field, field_validator
 from alignment import dedup
 from alignment.config import StrictModel
 from alignment.data_files import DataError, read_rows, write_jsonl
-from alignment.messages import Message
+from alignment.messages import Message, checked_messages
 
 log = logging.getLogger(__name__)
 
-ROLES = {"system", "user", "assistant"}
 EXAMPLE_PREFERENCES = Path(__file__).parent / "data" / "preferences_house_style.jsonl"
 
 # Why a row was removed; the report keys.
@@ -131,15 +130,7 @@ def split_last_assistant(messages: list[Message], where: str) -> tuple[list[Mess
 def _validate_messages(value: Any, where: str, field: str) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: {field!r} must be a string or a non-empty list of messages")
-    for i, msg in enumerate(value):
-        if (
-            not isinstance(msg, dict)
-            or not isinstance(msg.get("role"), str)
-            or msg["role"] not in ROLES
-            or not isinstance(msg.get("content"), str)
-        ):
-            raise DataError(f"{where}: {field}[{i}] needs a role in {sorted(ROLES)} and a string content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return checked_messages(value, where, field)
 
 
 def _response(value: Any, where: str, field: str) -> list[Message]:

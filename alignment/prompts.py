@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.data_files import DataError, read_rows
-from alignment.messages import Message
+from alignment.messages import Message, checked_messages
 from alignment.sft_data import to_conversation, to_prompt_completion
 
 EXAMPLE_PROMPTS = Path(__file__).parent / "data" / "sft_house_style.jsonl"
@@ -27,16 +27,10 @@ def as_prompt(value: Any, where: str) -> list[Message]:
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
-    for i, msg in enumerate(value):
-        if (
-            not isinstance(msg, dict)
-            or not isinstance(msg.get("role"), str)
-            or not isinstance(msg.get("content"), str)
-        ):
-            raise DataError(f"{where}: prompt[{i}] needs a string role and content")
-    if value[-1]["role"] == "assistant":
+    messages = checked_messages(value, where, "prompt", roles=None)
+    if messages[-1]["role"] == "assistant":
         raise DataError(f"{where}: the prompt's last message is the assistant's; nothing left to respond to")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return messages
 
 
 def load_prompts(path: str | Path) -> list[list[Message]]:

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.data_files import DataError, read_rows
-from alignment.messages import Message
-
-ROLES = {"system", "user", "assistant"}
+from alignment.messages import Message, checked_messages
 
 
 def _from_alpaca(row: dict[str, Any], where: str) -> list[Message]:
@@ -28,18 +26,10 @@ def _from_alpaca(row: dict[str, Any], where: str) -> list[Message]:
 def validate_messages(messages: Any, where: str) -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
-    clean: list[Message] = []
-    for i, msg in enumerate(messages):
-        if (
-            not isinstance(msg, dict)
-            or not isinstance(msg.get("role"), str)
-            or msg["role"] not in ROLES
-            or not isinstance(msg.get("content"), str)
-        ):
-            raise DataError(f"{where}: messages[{i}] needs a role in {sorted(ROLES)} and a string content")
+    clean = checked_messages(messages, where, "messages")
+    for i, msg in enumerate(clean):
         if msg["role"] == "assistant" and not msg["content"].strip():
             raise DataError(f"{where}: messages[{i}] is an empty assistant turn")
-        clean.append({"role": msg["role"], "content": msg["content"]})
     if clean[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's (got {clean[-1]['role']!r})")
     return clean
