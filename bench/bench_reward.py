@@ -10,8 +10,10 @@ pairs, batch size, learning rate and number of steps. Per data set:
   random batches, chosen and rejected as separate padded sequences;
 - trl-bf16:    the same with the weights loaded in bf16 (`model_init_kwargs={"dtype": bf16}`, `bf16=True`);
 - prefloop:    `reward.trainer.build_reward_trainer` with its defaults (one packed row per pair, bf16
-  weights with fp32 optimizer copies of the LoRA/head, SDPA, no checkpointing, length-grouped batches);
-- prefloop-autocast (only with --methods): `training.mixed_precision=autocast`.
+  weights with fp32 optimizer copies of the LoRA/head, per-sequence attention, no checkpointing,
+  length-grouped batches);
+- prefloop-autocast, prefloop-ckpt (only with --methods): `training.mixed_precision=autocast`, or
+  `training.gradient_checkpointing=true` (activation checkpointing, as TRL does by default).
 Each configuration runs in its own process (so its peak RSS is its own); with --rounds > 1 the order
 alternates so a noisy neighbour slows all of them. Training throughput = pairs / second over one pass
 over the same `batch x steps` pairs, every step counted (prefloop's length grouping reorders them, so
@@ -39,7 +41,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "smollm2-135m-instruct"
 METHODS = ("trl-default", "trl-bf16", "prefloop")
-EXTRA = {"prefloop": [], "prefloop-autocast": ["training.mixed_precision=autocast"]}
+EXTRA = {
+    "prefloop": [],
+    "prefloop-autocast": ["training.mixed_precision=autocast"],
+    "prefloop-ckpt": ["training.gradient_checkpointing=true"],  # activation checkpointing, like TRL
+}
 LEARNING_RATE = 5e-4
 # Per data set: max_length (prompt + response tokens of a side) and held-out pairs for scoring.
 DATASETS = {"bundled": {"max_length": 256}, "long": {"max_length": 512, "eval_pairs": 48}}
