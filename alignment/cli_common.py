@@ -48,6 +48,11 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def option_overrides(options: dict[str, object | None], overrides: list[str] | None) -> list[str]:
+    """Options that are sugar for `--set key=value` (those given), then the `--set`s, which win."""
+    return [*(f"{key}={value}" for key, value in options.items() if value is not None), *(overrides or [])]
+
+
 def run_overrides(
     overrides: list[str] | None, resume: bool = False, ray: bool = False, workers: int | None = None
 ) -> list[str]:

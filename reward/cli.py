@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from alignment.cli_common import ConfigOption, SetOption, cli_errors
+from alignment.cli_common import ConfigOption, SetOption, cli_errors, option_overrides
 
 reward_app = typer.Typer(help="Reward models: score responses.", no_args_is_help=True)
 
@@ -85,18 +85,14 @@ def eval_command(
     from reward.eval_report import print_comparison
     from reward.evaluate import EvalConfig, run_eval
 
-    sugar = [
-        f"{key}={value}"
-        for key, value in (
-            ("candidate.adapter", candidate),
-            ("baseline.adapter", baseline),
-            ("reward_model", reward_model),
-            ("threads", threads),
-        )
-        if value is not None
-    ]
+    sugar = {
+        "candidate.adapter": candidate,
+        "baseline.adapter": baseline,
+        "reward_model": reward_model,
+        "threads": threads,
+    }
     with cli_errors():
-        cfg = load_config(EvalConfig, config, [*sugar, *(overrides or [])])
+        cfg = load_config(EvalConfig, config, option_overrides(sugar, overrides))
         result = run_eval(cfg)
     print_comparison(result)
     print(f"wrote {cfg.output_dir / 'eval.json'}, eval.md and eval.png")

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import Field, ValidationError
 
-from alignment.cli_common import ConfigOption, SetOption, cli_errors
+from alignment.cli_common import ConfigOption, SetOption, cli_errors, option_overrides
 from alignment.config import ConfigError, format_validation_error, load_config
 from alignment.data_files import read_rows
 from alignment.sft_curation import (
@@ -115,17 +115,9 @@ def curate_command(
     ] = None,
 ) -> None:
     """Curate SFT data: rule filters, dedup, decontamination, quality scores -> a versioned dataset + report."""
-    sugar = [
-        f"{key}={value}"
-        for key, value in (
-            ("input", input_path),
-            ("output_dir", output_dir),
-            ("score.reward_model", reward_model),
-        )
-        if value is not None
-    ]
+    sugar = {"input": input_path, "output_dir": output_dir, "score.reward_model": reward_model}
     with cli_errors():
-        cfg = load_config(CurateConfig, config, [*sugar, *(overrides or [])])
+        cfg = load_config(CurateConfig, config, option_overrides(sugar, overrides))
         result, version = curate_file(cfg)
     print_report(result, version)
 

@@ -18,6 +18,7 @@ from alignment.cli_common import (
     ResumeOption,
     SetOption,
     WorkersOption,
+    option_overrides,
     print_metrics,
     run_stage,
 )
@@ -112,7 +113,7 @@ def reward_scorer(reward_model: str | None, stage: str) -> RewardScorer:
 
 def with_reward_model(overrides: list[str] | None, reward_model: str | None) -> list[str]:
     """`--reward-model X` is sugar for `--set reward_model=X`."""
-    return [*([f"reward_model={reward_model}"] if reward_model else []), *(overrides or [])]
+    return option_overrides({"reward_model": reward_model}, overrides)
 
 
 @train_app.command("ppo")
