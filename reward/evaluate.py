@@ -45,6 +45,7 @@ from reward.eval_data import load_eval_items
 from reward.eval_report import plot_comparison, report_markdown
 from reward.judge import JudgeSettings, LLMJudge
 from reward.policy_metrics import (
+    encode_prompt,
     implicit_reward_accuracy,
     mean_kl,
     perplexity,
@@ -133,13 +134,7 @@ def sample_responses(
 
     torch.manual_seed(sampling.seed)
     eos = tokenizer.eos_token_id
-    prompt_ids = [
-        tokenizer(
-            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False,
-        )["input_ids"]
-        for p in prompts
-    ]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     engine = policy_engine(model, tokenizer, max_batch_size=sampling.batch_size, eos_token_ids=[eos])
     greedy = sampling.temperature == 0
     params = SamplingParams(sampling.temperature, 1.0 if greedy else sampling.top_p, sampling.max_new_tokens)

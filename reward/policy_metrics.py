@@ -78,19 +78,12 @@ def implicit_reward_accuracy(
     reference: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """DPO's implicit reward r = beta * log(pi / pi_ref) ranks held-out chosen above rejected how often?"""
-
-    def encode(messages: Messages) -> list[int]:
-        return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
-            "input_ids"
-        ]
-
     prompt_ids, response_ids = [], []
     for side in ("chosen", "rejected"):
         for row in pairs:
-            prompt = encode_prompt(tokenizer, row["prompt"])
-            full = encode(row["prompt"] + row[side])
+            prompt, response = encode_turn(tokenizer, row["prompt"], row[side])
             prompt_ids.append(prompt)
-            response_ids.append(full[len(prompt) :])
+            response_ids.append(response)
     policy = sequence_logprobs(model, prompt_ids, response_ids, batch_size)
     with reference_of(model, reference) as ref:
         reference_logps = sequence_logprobs(ref, prompt_ids, response_ids, batch_size)
@@ -108,6 +101,13 @@ def encode_prompt(tokenizer: Any, prompt: Messages) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_turn(tokenizer: Any, prompt: Messages, reply: Messages) -> tuple[list[int], list[int]]:
+    """(prompt ids ending in the generation prompt, the reply's ids as the template renders them)."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    text = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+    return prompt_ids, tokenizer(text, add_special_tokens=False)["input_ids"][len(prompt_ids) :]
+
+
 def perplexity(
     model: torch.nn.Module, tokenizer: Any, conversations: list[Messages], batch_size: int = 8
 ) -> dict[str, float]:
@@ -116,11 +116,9 @@ def perplexity(
     examples = to_prompt_completion(conversations)
     prompt_ids, response_ids = [], []
     for ex in examples:
-        prompt = encode_prompt(tokenizer, ex["prompt"])
-        text = tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=False)
-        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt, response = encode_turn(tokenizer, ex["prompt"], ex["completion"])
         prompt_ids.append(prompt)
-        response_ids.append(full[len(prompt) :])
+        response_ids.append(response)
     logps = sequence_logprobs(model, prompt_ids, response_ids, batch_size)
     tokens = sum(len(lp) for lp in logps)
     nll = -sum(float(lp.sum()) for lp in logps)
