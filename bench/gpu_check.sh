@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: on one CUDA GPU, in under 8 minutes, measure the GPU paths instead of assuming them.
+# GPU check: on one CUDA GPU, in under 8 minutes (stage limits sum to 7.5), measure the GPU paths
+# instead of assuming them. NOT yet run on a GPU: written and dry-run on CPU only (--dry-run).
 #
 #   bash bench/gpu_check.sh            # SmolLM2-135M + LoRA r16, bf16, on cuda:0
 #   bash bench/gpu_check.sh --dry-run  # the same generation/PPO python on CPU with tiny-random and
@@ -51,12 +52,12 @@ if (( DRY )); then
   stage reward 60 "$PY" bench/bench_reward.py --help
   stage dpo 60 "$PY" bench/bench_dpo.py --help
 else
-  stage sft 90 "$PY" bench/bench_sft.py --steps 6 --warmup 2 --batch-size 8
-  stage reward 100 "$PY" bench/bench_reward.py --steps 6 --methods prefloop --datasets bundled
-  stage dpo 90 "$PY" bench/bench_dpo.py --steps 5 --warmup 2 --rounds 1 --methods prefloop
+  stage sft 80 "$PY" bench/bench_sft.py --steps 6 --warmup 2 --batch-size 8
+  stage reward 90 "$PY" bench/bench_reward.py --steps 6 --methods prefloop --datasets bundled
+  stage dpo 80 "$PY" bench/bench_dpo.py --steps 5 --warmup 2 --rounds 1 --methods prefloop
 fi
-stage ppo-step 120 "$PY" bench/bench_generation.py --ppo --model "$MODEL" --device "$DEVICE" --repeats 2 "${THREADS[@]}"
-stage generation 100 "$PY" bench/bench_generation.py --model "$MODEL" --device "$DEVICE" --batch "$BATCH" \
+stage ppo-step 110 "$PY" bench/bench_generation.py --ppo --model "$MODEL" --device "$DEVICE" --repeats 2 "${THREADS[@]}"
+stage generation 90 "$PY" bench/bench_generation.py --model "$MODEL" --device "$DEVICE" --batch "$BATCH" \
   --new-tokens "$NEW" --repeats 2 "${THREADS[@]}"
 echo; echo "gpu_check: $failed stage(s) failed"
 exit "$failed"
