@@ -12,10 +12,10 @@ on CPU showed under a third of the time in matmuls):
 - reference log-probs are computed once, before training, and cached on disk
   (`alignment.reference_cache`): a step is one forward and one backward instead of two forwards and a
   backward, and a re-run with the same model, adapter and data skips them entirely;
-- a pair's prompt runs once: [prompt | chosen | rejected] in one row, under a mask that gives every
-  token its own sequence's context (`share_prompts`, `alignment.shared_prompt`). `share_prompt=batch`
-  also runs the prefix all prompts share once, but then bf16 numbers depend on the batch and cached
-  reference log-ratios no longer match the policy's at step 0, so it is opt-in;
+- a pair's prompt runs once: [prompt | chosen | rejected] in one row, attending per sequence so every
+  token gets its own sequence's context (`share_prompts`, `alignment.shared_prompt`). `share_prompt=batch`
+  also runs the prefix all prompts share once; with per-sequence attention its bf16 numbers no longer
+  depend on the batch (tests/alignment/test_dpo_reference_smollm2.py), but it is opt-in until benchmarked;
 - the LM head scores only completion tokens: the (tokens x vocab) logits of the prompt and the padding
   are never built (TRL's fused head scores every position on devices without Triton);
 - LoRA weights in bf16 with fp32 optimizer copies (`training.mixed_precision`, `alignment.lora_precision`):
@@ -106,8 +106,8 @@ class DPOSettings(StrictModel):
     share_prompt: Literal["pair", "batch", "off"] = Field(
         "pair",
         description="Run a pair's prompt once for both responses (pair), also the prefix all prompts of a "
-        "batch share (batch: fewer tokens, but bf16 numbers then depend on the batch, so cached reference "
-        "log-ratios drift ~0.2 nats from the policy's), or not (off). See alignment.shared_prompt.",
+        "batch share (batch: fewer tokens; per-sequence attention keeps its bf16 numbers independent of "
+        "the batch), or not (off). See alignment.shared_prompt.",
     )
     precompute_batch_size: int = Field(
         16, ge=1, description="Pairs per reference forward while precomputing."
