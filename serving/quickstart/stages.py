@@ -619,7 +619,7 @@ def simulated_feedback(rubric: Rubric, prompt: str, choices: list[tuple[str, str
         body: Row = {"type": "thumbs", "completion_id": cid, "value": "up" if s.total >= 4 else "down"}
     else:
         body = {"type": "rating", "completion_id": cid, "stars": int(min(5, max(1, round(s.total))))}
-    if s.total < 4:
+    if s.total < 5 - rubric.tie_tolerance:  # any point lost: the user rewrites it the house way
         body["corrected_response"] = corrected(rubric, prompt, text)
         body["comment"] = "simulated user: rewritten to follow the house style"
     return [body]
