@@ -67,7 +67,11 @@ def check_artifacts(root: Path) -> dict:
     assert version_dir.name.startswith("v") and version_dir.parent.parent == root / "preferences"
     manifest = _json(version_dir / "manifest.json")
     assert manifest["pairs"] > 0
-    assert set(manifest["agreement"]["agreement_with_consensus"]) == {"sim-noisy", "sim-position", "sim-shorter"}
+    assert set(manifest["agreement"]["agreement_with_consensus"]) == {
+        "sim-noisy",
+        "sim-position",
+        "sim-shorter",
+    }
     assert manifest["agreement"]["pairwise_cohen_kappa"]
     rows = [json.loads(line) for line in (version_dir / "preferences.jsonl").read_text().splitlines()]
     assert len(rows) == manifest["pairs"] and all(r["annotator_agreement"] > 0 for r in rows)

@@ -42,7 +42,19 @@ def test_rubric_preference_is_antisymmetric_and_ties_equal_replies() -> None:
 def _pairs(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
     """Random reply pairs of varied quality: (key, a, b)."""
     rng = random.Random(seed)
-    words = "volcanoes hot lava rock melted mountain earth fire ash smoke deep".split()
+    words = [
+        "volcanoes",
+        "hot",
+        "lava",
+        "rock",
+        "melted",
+        "mountain",
+        "earth",
+        "fire",
+        "ash",
+        "smoke",
+        "deep",
+    ]
     out = []
     for i in range(n):
         replies = []
@@ -125,7 +137,7 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_n() -> None:
     lo_l, hi_l = bootstrap_interval(large)
     assert lo_l < sum(large) / len(large) < hi_l
     assert hi_l - lo_l < hi_s - lo_s
-    assert 0.55 < lo_l and hi_l < 0.65
+    assert lo_l > 0.55 and hi_l < 0.65
 
 
 def test_win_rate_counts_ties_half() -> None:
