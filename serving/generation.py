@@ -254,7 +254,9 @@ class GenerationEngine:
             self._in_use[job.adapter] -= 1
             idle_retired = job.adapter in self._retired and self._in_use[job.adapter] == 0
         if idle_retired:
-            self._queue.put(_SWEEP)  # the generation thread unloads it (it holds the model between decode steps)
+            self._queue.put(
+                _SWEEP
+            )  # the generation thread unloads it (it holds the model between decode steps)
 
     async def stream(self, job: Job, started: float | None = None) -> AsyncIterator[Delta | Generation]:
         """Yield `Delta`s of an admitted job as tokens arrive, then one final `Generation`."""
