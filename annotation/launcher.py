@@ -1,7 +1,7 @@
 """Entry points the Argilla server's virtualenv runs: `python launcher.py server|worker`.
 
 Run by file path with the server venv's python, never imported from prefloop: it puts its own
-directory on `sys.path` so that `sql_search_engine` registers itself with Argilla *before* the
+directory on `sys.path` so that the `sql_search` package registers itself with Argilla *before* the
 Argilla app (or its job queues) are imported, which is what `argilla_server start` cannot do.
 """
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import sql_search_engine  # noqa: F401  (registers the "sql" engine)
+    import sql_search  # noqa: F401  (registers the "sql" engine)
 
     if args.command == "server":
         import uvicorn
