@@ -7,10 +7,13 @@ ties-as-half, which a binomial interval (Wilson) does not; it is seeded, so a re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+Z95 = 1.959963984540054
 
 
 def outcomes(candidate: Sequence[float], baseline: Sequence[float], tie_tolerance: float) -> list[float]:
@@ -39,3 +42,17 @@ def win_rate_with_ci(
         "win_rate": float(data.mean()),
         "ci95": [float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))],
     }
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927): well-behaved near 0, 1 and for small n.
+
+    For decisive comparisons only (ties dropped), where each prompt is a plain success or failure.
+    """
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

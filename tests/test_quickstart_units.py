@@ -7,12 +7,13 @@ import random
 
 import pytest
 
+from reward.win_rate import wilson_interval, win_rate_with_ci
 from serving.quickstart.annotators import SimulatedAnnotator, assigned, team
 from serving.quickstart.config import AnnotationSettings, PromptSettings, flatten, load_quickstart_config
 from serving.quickstart.prompts import load_split
 from serving.quickstart.rubric import load_rubric, prefer, score
 from serving.quickstart.stages import corrected, simulated_feedback, staged
-from serving.quickstart.stats import bootstrap_interval, wilson_interval, win_rate
+from serving.quickstart.stats import win_rate
 
 RUBRIC = load_rubric()
 PROMPT = "Explain volcanoes in simple terms."
@@ -133,8 +134,8 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_n() -> None:
     rng = random.Random(1)
     small = [float(rng.random() < 0.6) for _ in range(50)]
     large = [float(rng.random() < 0.6) for _ in range(2000)]
-    lo_s, hi_s = bootstrap_interval(small)
-    lo_l, hi_l = bootstrap_interval(large)
+    lo_s, hi_s = win_rate_with_ci(small)["ci95"]
+    lo_l, hi_l = win_rate_with_ci(large)["ci95"]
     assert lo_l < sum(large) / len(large) < hi_l
     assert hi_l - lo_l < hi_s - lo_s
     assert lo_l > 0.55 and hi_l < 0.65
