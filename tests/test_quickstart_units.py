@@ -10,9 +10,10 @@ import pytest
 from reward.win_rate import wilson_interval, win_rate_with_ci
 from serving.quickstart.annotators import SimulatedAnnotator, assigned, team
 from serving.quickstart.config import AnnotationSettings, PromptSettings, flatten, load_quickstart_config
+from serving.quickstart.context import staged
+from serving.quickstart.production import corrected, simulated_feedback
 from serving.quickstart.prompts import load_split
 from serving.quickstart.rubric import load_rubric, prefer, score
-from serving.quickstart.stages import corrected, simulated_feedback, staged
 from serving.quickstart.stats import win_rate
 
 RUBRIC = load_rubric()

@@ -14,7 +14,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from serving.quickstart.stages import Context, preferences_dir, read_json
+from serving.quickstart.context import Context, read_json
+from serving.quickstart.stages import preferences_dir
 
 Row = dict[str, Any]
 

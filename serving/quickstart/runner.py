@@ -24,10 +24,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from serving.quickstart import evaluation, production
 from serving.quickstart import stages as st
 from serving.quickstart.config import QuickstartConfig
+from serving.quickstart.context import Context, read_json, write_json
 from serving.quickstart.report import write_report
-from serving.quickstart.stages import Context, read_json, write_json
 
 
 def run_report(ctx: Context) -> dict[str, Any]:
@@ -65,8 +66,8 @@ STAGES = (
         st.valid_align,
         ("preferences", "reward", "sft"),
     ),
-    Stage("eval", "held-out evaluation", st.run_eval, st.valid_eval, ("align", "reward")),
-    Stage("serve", "serve + feedback + loop", st.run_serve, st.valid_serve, ("eval",)),
+    Stage("eval", "held-out evaluation", evaluation.run_eval, evaluation.valid_eval, ("align", "reward")),
+    Stage("serve", "serve + feedback + loop", production.run_serve, production.valid_serve, ("eval",)),
     # always rewritten: cheap, and it must show this run's stage times
     Stage("report", "report", run_report, lambda ctx: False, ("eval",)),
 )
