@@ -178,29 +178,43 @@ class SQLSearchEngine(SearchEngine):
         where = [*where, *text_where]
 
         async with AsyncSessionLocal() as db:
-            order_by: list[ColumnElement] = []
+            # (sort key, descending) pairs; None stands for the relevance score
+            keys: list[tuple[ColumnElement | None, bool]] = []
             for order in sort or []:
                 expr = await order_expression(db, order, dataset.id)
                 # missing values last in both directions, like Elasticsearch
-                order_by += [
-                    case((expr.is_(None), 1), else_=0),
-                    expr.desc() if order.order == SortOrder.desc else expr.asc(),
-                ]
+                keys += [(case((expr.is_(None), 1), else_=0), False), (expr, order.order == SortOrder.desc)]
             if score is not None and not sort:
-                order_by.append(score.desc())
+                keys.append((None, True))
             # insertion order otherwise: `push` logs records uncertainty-first for active learning,
             # so (unlike ES's per-user shuffle) every annotator starts with the most informative pairs
-            order_by += [Record.inserted_at.asc(), Record.id.asc()]
+            keys += [(Record.inserted_at, False), (Record.id, False)]
 
-            columns = [Record.id, score if score is not None else literal_column("NULL")]
-            if score is not None:
-                # ranking visits every match anyway: count them in the same pass (the window is
-                # taken before LIMIT) instead of running the text match a second time
-                columns.append(func.count().over())
-            page = select(*columns).select_from(Record)
-            if hits is not None:
-                page = page.join(hits, hits.c.rid == literal_column("records.rowid"))
-            page = page.where(*page_where).order_by(*order_by).offset(offset).limit(limit)
+            if score is None:
+                columns: list[Any] = [k for k, _ in keys]
+                page = select(Record.id, literal_column("NULL")).where(*page_where)
+            else:
+                # Rank the matches into narrow rows first, then count and sort those: PostgreSQL
+                # otherwise carried each match's stored tsvector into the window and spilled it to
+                # disk. Ranking visits every match anyway, so the window counts them in the same
+                # pass (it is taken before LIMIT) instead of running the text match a second time.
+                matches = select(
+                    Record.id.label("id"),
+                    score.label("score"),
+                    *(k.label(f"key{i}") for i, (k, _) in enumerate(keys) if k is not None),
+                ).select_from(Record)
+                if hits is not None:
+                    matches = matches.join(hits, hits.c.rid == literal_column("records.rowid"))
+                # OFFSET 0 keeps PostgreSQL from flattening the subquery back into one select
+                ranked = matches.where(*page_where).offset(0).subquery()
+                columns = [
+                    ranked.c.score if k is None else ranked.c[f"key{i}"] for i, (k, _) in enumerate(keys)
+                ]
+                page = select(ranked.c.id, ranked.c.score, func.count().over())
+            order_by = [
+                c.desc() if descending else c.asc() for c, (_, descending) in zip(columns, keys, strict=True)
+            ]
+            page = page.order_by(*order_by).offset(offset).limit(limit)
             rows = (await db.execute(page)).all()
             if score is not None and rows:
                 total = rows[0][2]
