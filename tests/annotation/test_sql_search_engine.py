@@ -238,6 +238,22 @@ def test_sorting_puts_missing_values_last_in_both_directions(searchable: Fixture
     assert search(searchable, {"sort": [{"scope": inserted, "order": "desc"}]})[0] == list(reversed(RECORDS))
 
 
+def test_text_query_with_a_sort_orders_the_matches_by_it(searchable: Fixture) -> None:
+    n = {"entity": "metadata", "metadata_property": "n"}
+    quick = {"query": {"text": {"q": "quick"}}}
+    assert search(searchable, {**quick, "sort": [{"scope": n, "order": "desc"}]}) == (["r2", "r0"], 2)
+    assert search(searchable, {**quick, "sort": [{"scope": n, "order": "asc"}]}) == (["r0", "r2"], 2)
+    # a match without the value still comes last, in both directions
+    plain = {"query": {"text": {"q": "plain text"}}}
+    for order in ("asc", "desc"):
+        assert search(searchable, {**plain, "sort": [{"scope": n, "order": order}]})[0] == ["r5", "r4"]
+    # the page after the first keeps the sort and the total
+    assert search(searchable, {**quick, "sort": [{"scope": n, "order": "desc"}]}, limit=1, offset=1) == (
+        ["r0"],
+        2,
+    )
+
+
 def test_paging_is_stable_and_counts_everything(searchable: Fixture) -> None:
     everything, total = search(searchable, {}, limit=50)
     assert total == len(RECORDS) and sorted(everything) == sorted(RECORDS)
