@@ -41,7 +41,9 @@ def test_reward_model_on_two_workers_matches_one_worker(tiny_model: Path, tmp_pa
 
     assert (one["global_step"], two["global_step"]) == (4, 4)  # 32 pairs / global batch 8, sharded
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
-    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-3)
-    # The driver reloaded the 2-worker adapter from output_dir and scored the held-out pairs with it.
+    # The held-out set is scored once, after training (no per-epoch eval): the driver reloaded each
+    # run's adapter from output_dir and scored the held-out pairs with it; the same weights give the same rewards.
+    for key in ("heldout_mean_reward_chosen", "heldout_mean_margin"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-4), key
     assert two["heldout_accuracy"] == pytest.approx(one["heldout_accuracy"], abs=1 / 48)
     assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
