@@ -32,7 +32,7 @@ def _plt() -> Any:
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # titles are wider than the axes
     _plt().close(fig)
     return buf.getvalue()
 
