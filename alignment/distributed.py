@@ -246,7 +246,11 @@ def fit_on_ray(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(config.training.save_total_limit, 1) + 1),
-            worker_runtime_env={"env_vars": worker_env()},
+            # the driver's library-noise filters, installed in each worker before it imports anything
+            worker_runtime_env={
+                "env_vars": worker_env(),
+                "worker_process_setup_hook": "alignment.quiet.quiet_libraries",
+            },
         ),
     )
     result = trainer.fit()

@@ -24,6 +24,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from alignment.devices import DevicePlan, plan_device
 from alignment.models import ModelError, check_adapter, load_causal_lm, load_tokenizer
+from alignment.quiet import new_head_expected
 from alignment.shared_prompt import PackedPairs, pack_pairs, use_segment_attention
 from alignment.trl_compat import common_prefix_length
 
@@ -83,7 +84,8 @@ def load_reward_model(path: str | Path, plan: DevicePlan | None = None) -> torch
     if (base_name := base_model_of(path)) is not None:
         from peft import PeftModel
 
-        base = load_causal_lm(base_name, plan, model_cls=AutoModelForSequenceClassification, num_labels=1)
+        with new_head_expected():  # a causal LM base: the adapter below restores the trained head
+            base = load_causal_lm(base_name, plan, model_cls=AutoModelForSequenceClassification, num_labels=1)
         model = PeftModel.from_pretrained(base, check_adapter(path)).merge_and_unload()
     else:
         model = load_causal_lm(path, plan, model_cls=AutoModelForSequenceClassification, num_labels=1)

@@ -43,6 +43,7 @@ from alignment.launch import run_training
 from alignment.lora_precision import apply_mixed_precision
 from alignment.models import load_causal_lm, load_tokenizer
 from alignment.preference_data import PreferenceDataSettings, prepare_preferences
+from alignment.quiet import new_head_expected
 from alignment.runner import (
     RunConfig,
     callbacks,
@@ -161,13 +162,14 @@ def with_margin(dataset: Dataset, scale: float) -> Dataset:
 
 def reward_model(config: RewardRunConfig) -> torch.nn.Module:
     plan = device_plan(config)
-    model = load_causal_lm(
-        config.model,
-        plan,
-        quantization=config.lora.quantization,
-        model_cls=AutoModelForSequenceClassification,
-        num_labels=1,
-    )
+    with new_head_expected():  # the scalar head is created here: its MISSING report is expected
+        model = load_causal_lm(
+            config.model,
+            plan,
+            quantization=config.lora.quantization,
+            model_cls=AutoModelForSequenceClassification,
+            num_labels=1,
+        )
     use_segment_attention(model)
     add_packed_pair_scoring(model)
     return model

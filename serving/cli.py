@@ -40,6 +40,9 @@ def main(
     ] = False,
 ) -> None:
     """prefloop: turn human judgement into better models."""
+    from alignment.quiet import quiet_libraries
+
+    quiet_libraries()  # before any command imports peft, datasets or bitsandbytes
 
 
 alignment_cli.register(app)  # models, chat
