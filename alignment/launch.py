@@ -11,6 +11,7 @@ metrics, resolved config and model card (`alignment.runner`).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,17 @@ from alignment.runner import (
 )
 
 C = TypeVar("C", bound=RunConfig)
+
+
+def finish_tracking() -> None:
+    """End this stage's wandb run. HF's WandbCallback reuses a run left open, so the next stage in the
+    same process (the quickstart's reward and DPO after SFT) would log into this one and clash on its
+    config ("A ConfigError was raised whilst setting the number of model parameters"). The teardown
+    drops wandb's settings singleton, which holds the first stage's WANDB_DIR."""
+    wandb = sys.modules.get("wandb")  # imported only where tracking is on
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+        wandb.teardown()
 
 
 def run_training(
@@ -53,6 +65,7 @@ def run_training(
         metrics = dict(result.metrics)
         metrics.update(final_evaluation(trainer))
         save_final(trainer, config.output_dir)
+        finish_tracking()
     metrics.update(extra_metrics or {})
     (config.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     write_model_card(config.output_dir, stage, config, data_fingerprint(data_paths), metrics)
