@@ -34,6 +34,15 @@ WARNING_FILTERS: tuple[tuple[type[Warning], str, str, str], ...] = (
         # prefloop itself uses `activation_checkpointing`. Nothing for a user to change.
         "peft reads transformers' deprecated alias; prefloop does not",
     ),
+    (
+        UserWarning,
+        r"(Workspace|Dataset) with name '.*' not found",
+        r"argilla\.client",
+        # The SDK warns before returning None from a lookup by name. prefloop looks up to create the
+        # workspace or dataset when missing, and every lookup that needs one raises its own error
+        # naming it (annotation/push.py get_dataset, the quickstart's annotators).
+        "a create-if-missing lookup; a needed one that is missing is prefloop's own error",
+    ),
 )
 
 # (logger name, message regex, why it is harmless)
@@ -45,6 +54,12 @@ LOG_FILTERS: tuple[tuple[str, str, str], ...] = (
         # `kernels` package is absent; bitsandbytes then uses its own torch implementation. prefloop
         # trains bf16 LoRA on CPU by default; 4-bit (QLoRA) is for CUDA, where this path is unused.
         "an optional faster CPU 4-bit kernel is absent; bitsandbytes falls back to torch",
+    ),
+    (
+        "argilla.sdk",
+        r"DatasetRecords: The provided batch size \d+ was normalized",
+        # records.log's default batch of 256 is lowered to the number of records pushed: one batch.
+        "the SDK's default batch size capped at the record count",
     ),
 )
 

@@ -217,3 +217,33 @@ def _bitsandbytes_warns() -> bool:
     except ImportError:
         return False
     return bool(has_avx512bf16())
+
+
+def test_argilla_lookup_warnings_are_dropped_and_other_argilla_warnings_are_not(fresh_quiet: None) -> None:
+    # the SDK's own words and attribution (argilla/client.py); a real server is in tests/test_quickstart.py
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet.quiet_libraries()
+        for message in (
+            "Workspace with name 'prefloop' not found.",
+            "Dataset with name 'quickstart' not found in workspace 'prefloop'",
+            "User with name 'sim-noisy' not found.",
+        ):
+            warnings.warn_explicit(message, UserWarning, "argilla/client.py", 253, "argilla.client")
+    assert [str(w.message) for w in caught] == ["User with name 'sim-noisy' not found."]
+
+    kept: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    logger = logging.getLogger("argilla.sdk")
+    handler = Collect()
+    logger.addHandler(handler)
+    try:
+        logger.warning("DatasetRecords: The provided batch size 256 was normalized. Using value 232.")
+        logger.warning("DatasetRecords: Failed to ingest 3 records")
+    finally:
+        logger.removeHandler(handler)
+    assert kept == ["DatasetRecords: Failed to ingest 3 records"]
