@@ -24,7 +24,13 @@ from alignment.messages import Message
 from alignment.rl.config import GenerationSettings, PPOConfig, RewardFn
 from alignment.rl.data import pad
 from alignment.rl.losses import compute_gae, masked_mean, masked_whiten, per_token_rewards
-from alignment.rl.models import Critic, critic_values, forward_policy, reference_policy
+from alignment.rl.models import (
+    Critic,
+    critic_values,
+    forward_policy,
+    pack_rollouts,
+    reference_policy,
+)
 
 # --- phase 1: rollouts -------------------------------------------------------------------------------
 
@@ -110,13 +116,16 @@ def score_rollouts(
 def rollout_logprobs_and_values(
     policy: nn.Module, critic: Critic, rollout: Rollout, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log pi_theta_old, log pi_ref and V_old for a rollout (three forward passes, no grad)."""
+    """log pi_theta_old, log pi_ref and V_old for a rollout (three packed forward passes, no grad)."""
     T = rollout.response_ids.shape[1]
     ids, mask = rollout.input_ids, rollout.attention_mask
-    logprobs, _, hidden = forward_policy(policy, ids, mask, T, temperature, with_hidden=critic.shared)
+    packed = pack_rollouts(ids, mask, T)  # one layout for the three passes
+    logprobs, _, hidden = forward_policy(
+        policy, ids, mask, T, temperature, with_hidden=critic.shared, rollouts=packed
+    )
     with reference_policy(policy) as reference:
-        ref_logprobs, _, _ = forward_policy(reference, ids, mask, T, temperature)
-    values = critic.head(hidden) if critic.shared else critic_values(critic, ids, mask, T)
+        ref_logprobs, _, _ = forward_policy(reference, ids, mask, T, temperature, rollouts=packed)
+    values = critic.head(hidden) if critic.shared else critic_values(critic, ids, mask, T, packed)
     return logprobs, ref_logprobs, values
 
 

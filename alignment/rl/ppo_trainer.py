@@ -29,6 +29,7 @@ from alignment.checkpoints import PPO_TRAINER_STATE
 from alignment.config import ConfigError
 from alignment.data_files import DataError
 from alignment.generation import Engine
+from alignment.lora_precision import FP32MasterWeights
 from alignment.messages import Message
 from alignment.policy import load_run_tokenizer
 from alignment.prompts import load_prompts
@@ -54,10 +55,12 @@ from alignment.rl.models import (
     CRITIC_DIR,
     VALUE_HEAD_FILE,
     Critic,
+    PackedRollouts,
     critic_values,
     forward_policy,
     load_critic,
     load_policy,
+    pack_rollouts,
 )
 from alignment.runner import device_plan
 
@@ -103,6 +106,11 @@ class PPOTrainer:
                 critic_params, lr=lr, weight_decay=t.weight_decay, eps=1e-5
             )
         self.schedulers = [self._lr_schedule(opt, total_steps) for opt in self.optimizers]
+        # bf16 trainable weights (`adapters_in_model_dtype`) are stepped as fp32 masters, so updates
+        # below bf16's resolution still accumulate; fp32 weights pass through unchanged.
+        self.masters = [FP32MasterWeights() for _ in self.optimizers]
+        for masters, opt in zip(self.masters, self.optimizers, strict=True):
+            masters.on_train_begin(None, None, None, optimizer=opt)
         self.kl_ctl = kl_controller(self.ppo)
         self.score_moments = RunningMoments()
         self.ptx_examples = ptx_examples or []
@@ -162,6 +170,7 @@ class PPOTrainer:
         for _ in range(self.ppo.ppo_epochs):
             for rows in torch.randperm(B, device=self.device).split(self.ppo.mini_batch_size):
                 mb = experience.select(rows)
+                packed = pack_rollouts(mb.input_ids, mb.attention_mask, T)  # policy and critic alike
                 logprobs, entropy, hidden = forward_policy(
                     self.policy,
                     mb.input_ids,
@@ -169,6 +178,7 @@ class PPOTrainer:
                     T,
                     temperature,
                     with_hidden=self.critic.shared,
+                    rollouts=packed,
                 )
                 pg_loss, stats = policy_loss(
                     logprobs, mb.logprobs, mb.advantages, mb.response_mask, self.ppo.cliprange
@@ -187,30 +197,38 @@ class PPOTrainer:
                     ptx = self.ptx_loss()
                     loss = loss + self.ppo.ptx_coef * ptx
                     stats["loss/ptx"] = ptx.detach()
-                self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                stats["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                self.optimizer.step()
-                self.schedulers[0].step()
+                stats["policy/grad_norm"] = self._optimizer_step(0, max_grad_norm)
                 if not self.critic.shared:
-                    stats |= self.critic_step(mb, T)
+                    stats |= self.critic_step(mb, T, packed)
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(float(value))
         return {key: sum(v) / len(v) for key, v in totals.items()}
 
-    def critic_step(self, mb: Experience, response_length: int) -> dict[str, Any]:
+    def critic_step(
+        self, mb: Experience, response_length: int, packed: PackedRollouts | None = None
+    ) -> dict[str, Any]:
         """One optimizer step of a separate critic: its own forward, loss and optimizer."""
         assert self.critic_optimizer is not None
-        vpred = critic_values(self.critic, mb.input_ids, mb.attention_mask, response_length)
+        vpred = critic_values(self.critic, mb.input_ids, mb.attention_mask, response_length, packed)
         vf_loss, stats = value_loss(vpred, mb.values, mb.returns, mb.response_mask, self.ppo.cliprange_value)
-        self.critic_optimizer.zero_grad(set_to_none=True)
         vf_loss.backward()
-        params = [p for group in self.critic_optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.config.training.max_grad_norm)
-        self.critic_optimizer.step()
-        self.schedulers[1].step()
+        self._optimizer_step(1, self.config.training.max_grad_norm)
         return stats | {"loss/value": vf_loss.detach()}
+
+    def _optimizer_step(self, which: int, max_grad_norm: float) -> torch.Tensor:
+        """Gradients into the fp32 masters, clip, step, masters rounded back into the model; grads cleared."""
+        optimizer, masters = self.optimizers[which], self.masters[which]
+        masters.on_pre_optimizer_step(None, None, None)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        masters.on_optimizer_step(None, None, None)
+        optimizer.zero_grad(set_to_none=True)
+        for param, _ in masters.pairs:
+            param.grad = None
+        self.schedulers[which].step()
+        return grad_norm
 
     def ptx_loss(self) -> torch.Tensor:
         """PPO-ptx (InstructGPT eq. 2): -gamma_ptx E_{x ~ D_pretrain}[log pi(x)] added to the PPO loss."""
@@ -275,6 +293,7 @@ class PPOTrainer:
         state = {
             "step": step,
             "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "masters": [[master.detach() for _, master in m.pairs] for m in self.masters],
             "schedulers": [sched.state_dict() for sched in self.schedulers],
             "kl_coef": self.kl_ctl.value,
             "score_moments": (self.score_moments.mean, self.score_moments.var, self.score_moments.count),
@@ -309,6 +328,12 @@ class PPOTrainer:
         self.critic.head.load_state_dict(load_file(str(head_dir / VALUE_HEAD_FILE)))
         for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(saved)
+        saved_masters = state.get("masters")
+        with torch.no_grad():  # the saved adapter is the masters rounded to bf16: take the masters themselves
+            for i, masters in enumerate(self.masters):
+                for j, (param, master) in enumerate(masters.pairs):
+                    master.copy_(saved_masters[i][j] if saved_masters else param)
+                    param.copy_(master)
         for sched, saved in zip(self.schedulers, state["schedulers"], strict=True):
             sched.load_state_dict(saved)
         self.kl_ctl.value = state["kl_coef"]
