@@ -5,6 +5,7 @@ JSON access reads the same on SQLite and PostgreSQL, so each filter is written o
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from uuid import UUID
 
@@ -128,6 +129,29 @@ def pending_for(filter: Filter | None) -> tuple[User | None, Filter | None]:
             rest = parts[:i] + parts[i + 1 :]
             return scope.user, AndFilter(filters=rest) if rest else None
     return None, filter
+
+
+def queue_filter(filter: Filter | None) -> tuple[User | None, list[str] | None] | None:
+    """(user, record statuses) when the filter is at most "pending for `user`" AND "record status
+    in ...", the annotation page's own filter, which SQLite's FTS tags answer alone; else None."""
+    user, rest = pending_for(filter)
+    parts = rest.filters if isinstance(rest, AndFilter) else [rest] if rest else []
+    statuses = None
+    for part in parts:
+        scope = getattr(part, "scope", None)
+        if not (
+            isinstance(part, TermsFilter)
+            and isinstance(scope, RecordFilterScope)
+            and scope.property == "status"
+        ):
+            return None
+        values = {str(v) for v in part.values}
+        if not all(re.fullmatch(r"\w+", v) for v in values):
+            return None
+        statuses = sorted(values if statuses is None else values & set(statuses))
+    if statuses == []:
+        return None  # matches nothing: the general path says so
+    return user, statuses
 
 
 def filter_clause(filter: Filter, dataset_id: UUID) -> ColumnElement:

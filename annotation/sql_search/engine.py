@@ -37,9 +37,26 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Subquery
 
-from .clauses import filter_clause, json_number, json_text, order_expression, pending_for, user_responses
+from .clauses import (
+    filter_clause,
+    json_number,
+    json_text,
+    order_expression,
+    pending_for,
+    queue_filter,
+    user_responses,
+)
 from .database import COMMON_DDL, POSTGRES_DDL, SQLITE_DDL, dialect
-from .text_search import POSTGRES_FTS_DDL, SQLITE_FTS_DDL, query_words, text_match
+from .text_search import (
+    FTS_TABLE,
+    POSTGRES_FTS_DDL,
+    SQLITE_FTS_DDL,
+    fts_bm25,
+    fts_match,
+    fts_queue_query,
+    query_words,
+    text_match,
+)
 
 ENGINE_NAME = "sql"
 
@@ -60,6 +77,41 @@ async def _setup_database() -> None:
                 await db.execute(text(statement))
             await db.commit()
         _setup_done = True
+
+
+async def _fts_queue_search(
+    dataset_id: UUID,
+    words: list[str],
+    user: User | None,
+    statuses: list[str] | None,
+    offset: int,
+    limit: int,
+) -> SearchResponses:
+    """A text query on SQLite within the annotation page's filter, answered from the FTS index: the
+    count from its doclists and the page ranked and cut there, so only the page's records are read
+    (at 50k records, 14k matches: 33 -> 17 ms CPU, see bench/README.md). bm25 ties go by rowid,
+    which is insertion order."""
+    match = fts_match(fts_queue_query(words, dataset_id, statuses, user.id if user else None))
+    ranked = (
+        select(literal_column("rowid").label("rid"), (-fts_bm25()).label("score"))
+        .select_from(text(FTS_TABLE))
+        .where(match)
+        .order_by(fts_bm25(), literal_column("rowid"))
+        .offset(offset)
+        .limit(limit)
+        .subquery()
+    )
+    page = (
+        select(Record.id, ranked.c.score)
+        .join_from(ranked, Record, literal_column("records.rowid") == ranked.c.rid)
+        .order_by(ranked.c.score.desc(), ranked.c.rid)
+    )
+    async with AsyncSessionLocal() as db:
+        total = await db.scalar(select(func.count()).select_from(text(FTS_TABLE)).where(match)) or 0
+        rows = (await db.execute(page)).all() if offset < total else []
+    return SearchResponses(
+        items=[SearchResponseItem(record_id=rid, score=float(score)) for rid, score in rows], total=total
+    )
 
 
 @SearchEngine.register(engine_name=ENGINE_NAME)
@@ -162,6 +214,9 @@ class SQLSearchEngine(SearchEngine):
             words, field = query_words(query)
             if not words:
                 return SearchResponses(items=[], total=0)
+            queue = queue_filter(filter) if dialect() == "sqlite" and not sort and not field else None
+            if queue is not None:
+                return await _fts_queue_search(dataset.id, words, *queue, offset=offset, limit=limit)
             match, page_match, score, hits = text_match(words, field)
             text_where.append(match)
             text_page_where.append(page_match)

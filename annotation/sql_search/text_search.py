@@ -7,6 +7,7 @@ transactions; PostgreSQL stores the document as a generated, GIN-indexed tsvecto
 from __future__ import annotations
 
 import re
+from uuid import UUID
 
 from argilla_server.models import Record
 from argilla_server.search_engine.base import TextQuery
@@ -17,24 +18,57 @@ from sqlalchemy.sql.selectable import Subquery
 from .clauses import pg_quote, sqlite_path
 from .database import dialect
 
-FTS_TABLE = "prefloop_records_fts"
+FTS_TABLE = "prefloop_records_text"
 
-# SQLite: one FTS5 row per record (rowid = records.rowid) holding every string in its fields except
-# chat roles. Triggers keep it in the same transaction as the server's own writes.
+# SQLite: one FTS5 row per record (rowid = records.rowid). `body` holds every string in its fields
+# except chat roles; `tags` holds what the annotator's queue filters on, as tokens: the dataset
+# (`d<id>`), the record status (`s<status>`) and each user who responded (`u<id>`). FTS5 then
+# counts and ranks "matches the words, in this dataset, pending, not answered by me" from its
+# doclists alone, without visiting each match's record and responses (at 50k records and 14k
+# matches: count 20 -> 3.5 ms CPU). Triggers keep it in the same transaction as the server's writes.
 _FTS_TEXT = (
     "(SELECT group_concat(value, ' ') FROM json_tree({row}.fields) WHERE type = 'text' AND key IS NOT 'role')"
 )
+_FTS_TAGS = (
+    "('d' || {row}.dataset_id || ' s' || {row}.status || coalesce((SELECT ' u' || group_concat(p.user_id, ' u')"
+    " FROM responses p WHERE p.record_id = {row}.id), ''))"
+)
+
+
+def _refresh_tags(record_id: str) -> str:
+    return (
+        f"UPDATE {FTS_TABLE} SET tags = (SELECT {_FTS_TAGS.format(row='r')} FROM records r"
+        f" WHERE r.id = {record_id}) WHERE rowid = (SELECT rowid FROM records WHERE id = {record_id});"
+    )
+
+
+_OLD_FTS_TABLE = "prefloop_records_fts"  # earlier versions: body only
 SQLITE_FTS_DDL = [
-    f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(body, tokenize = 'unicode61 remove_diacritics 2')",
+    *(f"DROP TRIGGER IF EXISTS {_OLD_FTS_TABLE}_{kind}" for kind in ("ai", "ad", "au")),
+    f"DROP TABLE IF EXISTS {_OLD_FTS_TABLE}",
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(body, tags,"
+    " tokenize = 'unicode61 remove_diacritics 2')",
     f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_ai AFTER INSERT ON records BEGIN
-        INSERT INTO {FTS_TABLE}(rowid, body) VALUES (NEW.rowid, {_FTS_TEXT.format(row="NEW")}); END""",
+        INSERT INTO {FTS_TABLE}(rowid, body, tags)
+        VALUES (NEW.rowid, {_FTS_TEXT.format(row="NEW")}, {_FTS_TAGS.format(row="NEW")}); END""",
     f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_ad AFTER DELETE ON records BEGIN
         DELETE FROM {FTS_TABLE} WHERE rowid = OLD.rowid; END""",
-    f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_au AFTER UPDATE OF fields ON records BEGIN
+    # the server rewrites a record's status after each response, mostly to the same value
+    f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_au AFTER UPDATE OF fields, status, dataset_id ON records
+        WHEN NEW.fields IS NOT OLD.fields OR NEW.status IS NOT OLD.status OR NEW.dataset_id IS NOT OLD.dataset_id
+        BEGIN
         DELETE FROM {FTS_TABLE} WHERE rowid = OLD.rowid;
-        INSERT INTO {FTS_TABLE}(rowid, body) VALUES (NEW.rowid, {_FTS_TEXT.format(row="NEW")}); END""",
-    # records written before the triggers existed
-    f"""INSERT INTO {FTS_TABLE}(rowid, body) SELECT r.rowid, {_FTS_TEXT.format(row="r")} FROM records r
+        INSERT INTO {FTS_TABLE}(rowid, body, tags)
+        VALUES (NEW.rowid, {_FTS_TEXT.format(row="NEW")}, {_FTS_TAGS.format(row="NEW")}); END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_response_ai AFTER INSERT ON responses BEGIN
+        {_refresh_tags("NEW.record_id")} END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_response_ad AFTER DELETE ON responses BEGIN
+        {_refresh_tags("OLD.record_id")} END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_response_au AFTER UPDATE OF user_id, record_id ON responses
+        BEGIN {_refresh_tags("OLD.record_id")} {_refresh_tags("NEW.record_id")} END""",
+    # records written before these triggers existed (a database made by an earlier version)
+    f"""INSERT INTO {FTS_TABLE}(rowid, body, tags)
+        SELECT r.rowid, {_FTS_TEXT.format(row="r")}, {_FTS_TAGS.format(row="r")} FROM records r
         WHERE r.rowid NOT IN (SELECT rowid FROM {FTS_TABLE})""",
 ]
 
@@ -54,8 +88,8 @@ PG_TSV_COLUMN = "prefloop_tsv"
 POSTGRES_FTS_DDL = [
     f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {PG_TSV_COLUMN} tsvector"
     f" GENERATED ALWAYS AS ({pg_document('CAST(fields AS JSONB)', '$.*')}) STORED",
-    f"CREATE INDEX IF NOT EXISTS ix_{FTS_TABLE}_tsv ON records USING gin ({PG_TSV_COLUMN})",
-    f"DROP INDEX IF EXISTS ix_{FTS_TABLE}",  # the expression index of earlier versions
+    f"CREATE INDEX IF NOT EXISTS ix_prefloop_records_fts_tsv ON records USING gin ({PG_TSV_COLUMN})",
+    "DROP INDEX IF EXISTS ix_prefloop_records_fts",  # the expression index of earlier versions
 ]
 
 
@@ -63,6 +97,34 @@ def query_words(query: TextQuery | str) -> tuple[list[str], str | None]:
     if isinstance(query, str):
         query = TextQuery(q=query)
     return re.findall(r"\w+", query.q.lower()), query.field
+
+
+def _fts_words(words: list[str]) -> str:
+    """FTS5 query for an AND of `words` in the fields (quoted: no FTS5 syntax injection)."""
+    return "body : (" + " ".join(f'"{w}"' for w in words) + ")"
+
+
+def fts_bm25() -> ColumnElement:
+    """bm25 as FTS5 returns it (lower is better); `tags` are filters, not text, so weight 0."""
+    return func.bm25(literal_column(FTS_TABLE), 1.0, 0.0)
+
+
+def fts_match(fts_query: str) -> ColumnElement:
+    return literal_column(FTS_TABLE).op("MATCH")(fts_query)
+
+
+def fts_queue_query(
+    words: list[str], dataset_id: UUID, statuses: list[str] | None, unanswered_by: UUID | None
+) -> str:
+    """FTS5 query for `words` among a dataset's records (with one of `statuses`; that `unanswered_by`
+    has not responded to), answered from the index's `tags` alone. Ids are stored as 32-hex."""
+    parts = [_fts_words(words), f'tags : "d{dataset_id.hex}"']
+    if statuses is not None:
+        parts.append("tags : (" + " OR ".join(f'"s{status}"' for status in statuses) + ")")
+    fts_query = "(" + " AND ".join(parts) + ")"
+    if unanswered_by is not None:
+        fts_query += f' NOT tags : "u{unanswered_by.hex}"'
+    return fts_query
 
 
 def text_match(
@@ -73,21 +135,17 @@ def text_match(
     the FTS query, so its score comes from joining the hits once (a correlated lookup would re-run
     MATCH per row); the join already restricts the page to matches."""
     if dialect() == "sqlite":
-        fts_query = " ".join(f'"{w}"' for w in words)  # quoted terms: no FTS5 syntax injection
+        fts_query = _fts_words(words)
         hits = (
-            select(
-                literal_column("rowid").label("rid"), (-func.bm25(literal_column(FTS_TABLE))).label("score")
-            )
+            select(literal_column("rowid").label("rid"), (-fts_bm25()).label("score"))
             .select_from(text(FTS_TABLE))
-            .where(literal_column(FTS_TABLE).op("MATCH")(fts_query))
+            .where(fts_match(fts_query))
             .subquery()
         )
         rowid = literal_column("records.rowid")
         # the count needs only which rows match; bm25 (4x the cost of MATCH alone) only the page
         clause = rowid.in_(
-            select(literal_column("rowid"))
-            .select_from(text(FTS_TABLE))
-            .where(literal_column(FTS_TABLE).op("MATCH")(fts_query))
+            select(literal_column("rowid")).select_from(text(FTS_TABLE)).where(fts_match(fts_query))
         )
         in_field: ColumnElement = true()
         if field:  # FTS narrows to candidates; the field check is a cheap substring test on those

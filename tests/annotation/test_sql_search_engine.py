@@ -323,3 +323,56 @@ def test_sdk_filters_on_the_server_id_and_the_external_id(searchable: Fixture) -
     # not a uuid at all: no match, not a server error
     body = filters(terms({"entity": "record", "property": "id"}, ["not-a-uuid"]))
     assert search(searchable, body) == ([], 0)
+
+
+def test_text_search_in_the_queue_follows_responses_and_status(argilla) -> None:
+    # SQLite answers "words AND pending for me AND record status" from the FTS index's tags, which
+    # triggers keep in step with responses and record status: check each write moves the queue
+    _, conn = argilla
+    client = conn.client()
+    workspace = f"queue-{conn.url.rsplit(':', 1)[1]}"
+    creds = add_user(client, f"q1-{workspace}", workspace)
+    settings = rg.Settings(
+        fields=[rg.TextField("text")],
+        questions=[rg.LabelQuestion("label", labels=["x", "y"])],
+        distribution=rg.TaskDistribution(min_submitted=1),
+    )
+    dataset = rg.Dataset(name="queue", workspace=workspace, settings=settings, client=client).create()
+    dataset.records.log([rg.Record(id=f"q{i}", fields={"text": f"apple pie number {i}"}) for i in range(4)])
+    fx = Fixture(conn.url, conn.api_key, str(dataset.id), {}, {"q1": creds.api_key})
+    body = _search_raw(conn.url, conn.api_key, fx.dataset_id, {}, limit=50)
+    fx.ids.update({item["record"]["id"]: item["record"]["external_id"] for item in body["items"]})
+    uuids = {external: uid for uid, external in fx.ids.items()}
+    record = {"entity": "record", "property": "status"}
+
+    def queue(*statuses: str) -> tuple[list[str], int]:
+        query = {
+            "query": {"text": {"q": "apple pie"}},
+            **filters(terms(STATUS, ["pending"]), terms(record, list(statuses))),
+        }
+        ids, total = search(fx, query, user="q1")
+        # the same question through the general SQL path (an always-true extra filter) agrees
+        every = terms({"entity": "record", "property": "id"}, list(uuids.values()))
+        general = {**query, "filters": {"and": [*query["filters"]["and"], every]}}
+        assert search(fx, general, user="q1") == (ids, total)
+        return sorted(ids), total
+
+    assert queue("pending") == (["q0", "q1", "q2", "q3"], 4)
+    headers = {"X-Argilla-Api-Key": creds.api_key}
+    answer = {"values": {"label": {"value": "x"}}, "status": "submitted"}
+    response = httpx.post(f"{conn.url}/api/v1/records/{uuids['q1']}/responses", json=answer, headers=headers)
+    assert response.status_code == 201, response.text
+    assert queue("pending") == (["q0", "q2", "q3"], 3)  # answered by me, and now completed
+    assert queue("completed") == ([], 0)  # completed, but answered by me
+    assert search(fx, {"query": {"text": {"q": "apple"}}, **filters(terms(record, ["completed"]))}) == (
+        ["q1"],
+        1,
+    )
+    deleted = httpx.delete(f"{conn.url}/api/v1/responses/{response.json()['id']}", headers=headers)
+    assert deleted.status_code == 200, deleted.text
+    assert queue("pending") == (["q0", "q1", "q2", "q3"], 4)
+    assert search(fx, {"query": {"text": {"q": "apple"}}, **filters(terms(record, ["completed"]))}) == ([], 0)
+    # a record's new text is searchable at once, its old text no longer
+    dataset.records.log([rg.Record(id="q2", fields={"text": "banana bread"})])
+    assert queue("pending") == (["q0", "q1", "q3"], 3)
+    assert search(fx, {"query": {"text": {"q": "banana"}}}, user="q1")[0] == ["q2"]
