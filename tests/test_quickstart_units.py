@@ -196,3 +196,29 @@ def test_simulated_users_post_every_feedback_kind() -> None:
     assert rating["type"] == "rating" and rating["stars"] <= 3
     assert score(RUBRIC, PROMPT, rating["corrected_response"]).total > score(RUBRIC, PROMPT, bad).total
     assert corrected(RUBRIC, PROMPT, bad).startswith("Ahoy!")
+
+
+def test_ppo_and_grpo_get_the_quickstarts_own_budget() -> None:
+    from alignment.config import load_config
+    from alignment.rl.config import GRPORunConfig, PPORunConfig
+    from serving.quickstart.config import CONFIGS
+    from serving.quickstart.runner import fingerprints
+
+    config = load_quickstart_config(overrides=["algorithm=ppo", "rl.training.learning_rate=2e-5"])
+    shipped = load_config(PPORunConfig, CONFIGS / "ppo.yaml")
+    ppo = load_config(PPORunConfig, CONFIGS / "ppo.yaml", [*flatten(config.rl), *flatten(config.ppo)])
+    assert ppo.training.max_steps < shipped.training.max_steps  # configs/ppo.yaml's 100 are ~1 h here
+    assert ppo.ppo.ppo_epochs < shipped.ppo.ppo_epochs
+    assert ppo.training.learning_rate == 2e-5  # `rl` still reaches both
+    grpo = load_config(GRPORunConfig, CONFIGS / "grpo.yaml", [*flatten(config.rl), *flatten(config.grpo)])
+    assert grpo.training.max_steps < load_config(GRPORunConfig, CONFIGS / "grpo.yaml").training.max_steps
+
+    # the PPO budget is part of a PPO run's fingerprint, and not of a DPO run's
+    longer = load_quickstart_config(overrides=["algorithm=ppo", "ppo.training.max_steps=20"])
+    assert (
+        fingerprints(longer)["align"]
+        != fingerprints(load_quickstart_config(overrides=["algorithm=ppo"]))["align"]
+    )
+    dpo = load_quickstart_config()
+    dpo_longer_ppo = load_quickstart_config(overrides=["ppo.training.max_steps=20"])
+    assert fingerprints(dpo)["align"] == fingerprints(dpo_longer_ppo)["align"]

@@ -83,7 +83,15 @@ class QuickstartConfig(StrictModel):
     reward: dict[str, Any] = Field(default_factory=dict, description="Set on configs/reward.yaml.")
     dpo: dict[str, Any] = Field(default_factory=dict, description="Set on configs/dpo.yaml.")
     algorithm: Literal["dpo", "ppo", "grpo"] = "dpo"
-    rl: dict[str, Any] = Field(default_factory=dict, description="Set on configs/ppo.yaml / grpo.yaml.")
+    rl: dict[str, Any] = Field(
+        default_factory=dict, description="Set on both configs/ppo.yaml and grpo.yaml (--algorithm ppo|grpo)."
+    )
+    ppo: dict[str, Any] = Field(
+        default_factory=dict, description="Set on configs/ppo.yaml after `rl`: the quickstart's PPO budget."
+    )
+    grpo: dict[str, Any] = Field(
+        default_factory=dict, description="Set on configs/grpo.yaml after `rl`: the quickstart's GRPO budget."
+    )
     eval: EvalSettings = Field(default_factory=EvalSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     profiles: dict[str, dict[str, Any]] = Field(

@@ -90,7 +90,13 @@ def stage_settings(config: QuickstartConfig, name: str) -> Any:
         "annotate": [c["annotation"], rubric],
         "preferences": [c["annotation"]["votes_per_record"]],
         "reward": [c["reward"]],
-        "align": [c["algorithm"], c["dpo"], c["rl"]],
+        # a DPO run's fingerprint is unchanged by the PPO/GRPO budgets (and stays what it was before them)
+        "align": [
+            c["algorithm"],
+            c["dpo"],
+            c["rl"],
+            *([c[c["algorithm"]]] if c["algorithm"] != "dpo" else []),
+        ],
         "eval": [c["eval"], c["prompts"], rubric],
         "serve": [c["serve"], rubric],
         "report": [],

@@ -344,6 +344,7 @@ def run_rl(ctx: Context) -> Row:
         prompts = _rl_prompts(ctx, out)
         overrides = [
             *flatten(ctx.config.rl),
+            *flatten(ctx.config.ppo if algorithm == "ppo" else ctx.config.grpo),  # the quickstart's budget
             f"model={ctx.model_name()}",
             f"init_adapter={ctx.path('sft')}",
             f"reward_model={ctx.path('reward')}",
