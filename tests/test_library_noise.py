@@ -36,7 +36,8 @@ SILENCED = {
 def fresh_quiet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """quiet_libraries() installs again, inside a warnings context that is undone afterwards."""
     monkeypatch.setattr(quiet, "_installed", False)
-    monkeypatch.delenv(quiet.SHOW_ALL_ENV, raising=False)
+    for name in (quiet.SHOW_ALL_ENV, "HF_DATASETS_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.delenv(name, raising=False)  # and restored after the test: quiet sets two of them
     with warnings.catch_warnings():
         yield
 
