@@ -114,13 +114,15 @@ class Engine:
         self.eos_ids = set(eos_token_ids)
         self.adapters: dict[str, Adapter] = {}
         self.merged: str | None = None
+        # For mixed-adapter batches (`_row_lora`); dropped whenever the adapters change.
+        self._fused: llama.LlamaWeights | None = None
         self.refresh_adapters()
         self.cache = self.weights.new_cache(max_batch_size, 256)
         self.running: list[Sequence] = []  # row i of the batch = cache slot i
         self.waiting: deque[Sequence] = deque()
         self._lengths: list[int] = []  # cached positions per running row
         self._next_token: torch.Tensor | None = None  # [rows] token each row feeds next
-        self._lora: RowLora | None = None
+        self._lora: tuple[llama.LlamaWeights, RowLora] | None = None  # the running batch's
         self._params: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ids = 0
         self.generator: torch.Generator | None = None
@@ -136,7 +138,7 @@ class Engine:
         self.adapters.update(live)
         if self.merged is not None and self.merged in live:
             self.weights = self.base_weights.merged(self.adapters[self.merged])
-        self._lora = None
+        self._lora, self._fused = None, None
 
     def refresh(self, merge: str | None = None) -> None:
         """Re-read all weights of the model (a policy after optimizer steps): the fused base
@@ -151,13 +153,13 @@ class Engine:
     def load_adapter(self, name: str, path: str | Path) -> None:
         w = self.base_weights
         self.adapters[name] = load_adapter_files(name, path, w.dtype, w.device)
-        self._lora = None
+        self._lora, self._fused = None, None
 
     def remove_adapter(self, name: str) -> None:
         if any(s.adapter == name and not s.done for s in (*self.running, *self.waiting)):
             raise ValueError(f"adapter {name!r} is still used by a running sequence")
         self.adapters.pop(name, None)
-        self._lora = None
+        self._lora, self._fused = None, None
 
     def merge(self, name: str | None) -> None:
         """Sample with `name` merged into a copy of the weights (one adapter for every row: PPO
@@ -166,7 +168,7 @@ class Engine:
             raise RuntimeError("merge() between generations only")
         self.merged = name
         self.weights = self.base_weights if name is None else self.base_weights.merged(self.adapters[name])
-        self._lora = None
+        self._lora, self._fused = None, None
 
     # --- scheduling -----------------------------------------------------------------------
 
@@ -224,6 +226,20 @@ class Engine:
 
     # --- internals ------------------------------------------------------------------------
 
+    def _row_lora(self, seqs: list[Sequence]) -> tuple[llama.LlamaWeights, RowLora]:
+        """The weights and LoRA for a batch of `seqs`. A batch that mixes adapters (or adapters
+        and the base model) on packed bf16 CPU weights runs on a copy with every loaded
+        adapter's A fused into the packed projections (`LlamaWeights.with_adapters`; rebuilt,
+        one repack of the model, when the adapters changed); a batch with one adapter for every
+        row keeps the plain weights and that adapter's own A/B (no wasted columns)."""
+        adapters = [self._adapter(s) for s in seqs]
+        mixed = len({id(a) for a in adapters}) > 1
+        if mixed and self.base_weights.prepack and self.merged is None:
+            if self._fused is None:
+                self._fused = self.base_weights.with_adapters(list(self.adapters.values()))
+            return self._fused, RowLora(adapters, self.weights.sizes, fused=True)
+        return self.weights, RowLora(adapters, self.weights.sizes)
+
     def _adapter(self, seq: Sequence) -> Adapter | None:
         if seq.adapter is None or seq.adapter == self.merged:
             return None  # merged adapters live in the weights themselves
@@ -271,7 +287,7 @@ class Engine:
         start = time.perf_counter()
         need = max(len(s.prompt_ids) + s.params.max_tokens for s in (*self.running, *new))
         self.cache.reserve(self.max_batch_size, need)
-        w = self.weights
+        w, lora = self._row_lora(new)
         width = max(len(s.prompt_ids) for s in new)
         ids = torch.zeros(len(new), width, dtype=torch.long)
         for r, s in enumerate(new):
@@ -280,7 +296,6 @@ class Engine:
         first = len(self.running)
         slots = torch.arange(first, first + len(new))
         positions = torch.arange(width)[None].expand(len(new), width)
-        lora = RowLora([self._adapter(s) for s in new], w.sizes)
         logits = llama.forward(
             w, self.cache, ids.to(w.device), positions.to(w.device), lora,
             slots=slots.to(w.device), lengths=lengths.to(w.device), last=(lengths - 1).to(w.device),
@@ -336,15 +351,15 @@ class Engine:
         rows = len(self.running)
         assert self._next_token is not None and len(self._next_token) == rows
         if self._lora is None:
-            self._lora = RowLora([self._adapter(s) for s in self.running], self.weights.sizes)
+            self._lora = self._row_lora(self.running)
         if self._params is None:
             self._params = self._row_params(self.running)
-        w = self.weights
+        w, lora = self._lora
         positions = torch.tensor(self._lengths, device=w.device)[:, None]
         need = max(self._lengths) + 1
         if need > self.cache.capacity:
             self.cache.reserve(self.max_batch_size, need)
-        logits = llama.forward(w, self.cache, self._next_token[:, None].to(w.device), positions, self._lora)
+        logits = llama.forward(w, self.cache, self._next_token[:, None].to(w.device), positions, lora)
         for r in range(rows):
             self._lengths[r] += 1
         self._next_token = self._accept(self.running, logits, *self._params)

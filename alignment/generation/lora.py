@@ -1,11 +1,14 @@
 """LoRA adapters applied per row, so one batch can mix adapters (and rows without one).
 
-Each adapter is a set of (A, scaled B) pairs per (layer, projection). For a batch, the rows'
-adapters are gathered once into [rows, r, in] / [rows, out, r] stacks (again only when the
-batch's composition changes), and each projection adds `x @ A_row^T @ B_row^T` with two batched
-matmuls. A batch where every row uses the same adapter takes two plain matmuls instead; a batch
-with no adapter takes none. This replaces PEFT's `adapter_names` path, which splits every
-projection's input by adapter and runs each part separately.
+Each adapter is a set of (A, scaled B) pairs per (layer, projection). A batch where every row
+uses the same adapter takes two plain matmuls per projection (packed once for oneDNN in bf16 on
+CPU, where the second one also adds the base output); a batch with no adapter takes none. A batch
+that mixes adapters: on packed bf16 CPU weights, every loaded adapter's A rides along in the base
+projection's packed matrix and a 0/1 column mask picks each row's adapter
+(`LlamaWeights.with_adapters`); otherwise (fp32, GPU) the rows' adapters are gathered once into
+[rows, r, in] / [rows, out, r] stacks (again only when the batch's composition changes) for two
+batched matmuls. Both replace PEFT's `adapter_names` path, which splits every projection's input
+by adapter and runs each part separately.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Adapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     _groups: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+    _packed: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def groups(
         self, sizes: dict[str, list[tuple[str, int]]]
@@ -61,6 +65,23 @@ class Adapter:
                         out_at += out
                     self._groups[layer, group] = (a_cat, b_bd)
         return self._groups
+
+    def packed_groups(
+        self, sizes: dict[str, list[tuple[str, int]]]
+    ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """`groups` in oneDNN's blocked layout (bf16 on CPU), packed once: a decode step's
+        tiny LoRA matmuls otherwise re-lay out A and B at every call."""
+        if self._packed is None:
+            pack = torch.ops.mkldnn._reorder_linear_weight
+            self._packed = {
+                key: (pack(a, 16), pack(b.contiguous(), 16)) for key, (a, b) in self.groups(sizes).items()
+            }
+        return self._packed
+
+
+def _packable(adapter: Adapter) -> bool:
+    a, _ = next(iter(adapter.weights.values()))
+    return a.device.type == "cpu" and a.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 def _check_config(config: dict, where: str) -> None:
@@ -134,17 +155,33 @@ def adapters_of(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Adapter
     return adapters
 
 
-class RowLora:
-    """The LoRA deltas of one batch: built from each row's adapter (None = no adapter)."""
+FULL = torch.ones(())  # sentinel mask: every row keeps every fused column
 
-    def __init__(self, adapters: list[Adapter | None], sizes: dict[str, list[tuple[str, int]]]):
+
+class RowLora:
+    """The LoRA deltas of one batch: built from each row's adapter (None = no adapter).
+
+    fused: the weights carry the adapters as extra packed columns (`LlamaWeights.with_adapters`,
+    bf16 on CPU); the batch then only needs a 0/1 mask per column layout (`mask`). Otherwise
+    the rows' A/B are gathered into per-row stacks for two batched matmuls (`add_delta`)."""
+
+    def __init__(
+        self,
+        adapters: list[Adapter | None],
+        sizes: dict[str, list[tuple[str, int]]],
+        fused: bool = False,
+    ):
         used = {id(a): a for a in adapters if a is not None}
         self.none = not used
+        self.fused = fused
+        self._names = [a.name if a is not None else None for a in adapters]
+        self._masks: dict[tuple[tuple[str, int, int], ...], torch.Tensor | None] = {}
         self.shared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
-        if len(used) == 1 and None not in adapters:
-            self.shared = next(iter(used.values())).groups(sizes)
+        if len(used) == 1 and None not in adapters and not fused:
+            only = next(iter(used.values()))
+            self.shared = only.packed_groups(sizes) if _packable(only) else only.groups(sizes)
         self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.none or self.shared is not None:
+        if self.none or self.shared is not None or fused:
             return
         grouped = {id(a): a.groups(sizes) for a in used.values()}
         keys = {key for g in grouped.values() for key in g}
@@ -161,17 +198,41 @@ class RowLora:
                     stack_b[row, :, : b.shape[1]] = b
             self._stacks[key] = (stack_a.transpose(1, 2), stack_b.transpose(1, 2))
 
-    def delta(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The LoRA term for fused projection `group` of `layer` on input x [rows, t, in], or None."""
-        if self.none:
-            return None
+    def mask(self, cols: tuple[tuple[str, int, int], ...], like: torch.Tensor) -> torch.Tensor | None:
+        """[rows, 1, sum r] 0/1 for fused columns `cols` ((adapter, start, end), ...): FULL when
+        every row keeps every column, None when no row uses any (then B is skipped)."""
+        if cols not in self._masks:
+            names = {name for name, _, _ in cols}
+            if not names.intersection(self._names):
+                self._masks[cols] = None
+            elif len(cols) == 1 and all(n == cols[0][0] for n in self._names):
+                self._masks[cols] = FULL
+            else:
+                mask = torch.zeros(len(self._names), 1, cols[-1][2], dtype=like.dtype, device=like.device)
+                for row, name in enumerate(self._names):
+                    for col_name, start, end in cols:
+                        if col_name == name:
+                            mask[row, :, start:end] = 1
+                self._masks[cols] = mask
+        return self._masks[cols]
+
+    def add_delta(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus the LoRA term of fused projection `group` of `layer` on input x [rows, t, in]."""
+        if self.none or self.fused:
+            return y
         if self.shared is not None:
             ab = self.shared.get((layer, group))
-            return None if ab is None else F.linear(F.linear(x, ab[0]), ab[1])
+            if ab is None:
+                return y
+            a, b = ab
+            if a.is_mkldnn:  # packed: oneDNN adds y in the B matmul's epilogue
+                xa = torch.ops.mkldnn._linear_pointwise(x.contiguous(), a, None, "none", [], "")
+                return torch.ops.mkldnn._linear_pointwise.binary(xa, y.contiguous(), b, None, "add")
+            return y + F.linear(F.linear(x, a), b)
         stacks = self._stacks.get((layer, group))
         if stacks is None:
-            return None
-        return torch.bmm(torch.bmm(x, stacks[0]), stacks[1])
+            return y
+        return y + torch.bmm(torch.bmm(x, stacks[0]), stacks[1])
 
 
 def merge_into(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

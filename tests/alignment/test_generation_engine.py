@@ -180,6 +180,41 @@ def test_returned_logprobs_match_a_separate_forward_pass(tiny, lora_dirs) -> Non
         peft.unload()
 
 
+def test_fused_per_row_lora_matches_the_gathered_path_in_bf16(tiny_model: Path, lora_dirs) -> None:
+    """bf16 on CPU puts the adapters' A into the packed base weights (one matmul gives both) and
+    picks each row's columns with a mask; the per-row gathered bmm path is the reference."""
+    from alignment.generation import llama
+    from alignment.generation.lora import RowLora, load_adapter_files
+
+    model = load_causal_lm(tiny_model, plan_device("bf16", attention="eager")).eval()
+    w = llama.LlamaWeights(model)
+    if not w.prepack:
+        pytest.skip("no oneDNN bf16 prepacking on this CPU")
+    adapters = {n: load_adapter_files(n, p, w.dtype, w.device) for n, p in lora_dirs.items()}
+    fused = w.with_adapters(list(adapters.values()))
+    rows = [adapters["a1"], adapters["a2"], None, adapters["a1"]]
+    ids = torch.randint(0, model.config.vocab_size, (4, 6), generator=torch.Generator().manual_seed(0))
+    lengths, positions = torch.tensor([6, 4, 6, 2]), torch.arange(6)[None].expand(4, 6)
+    outs = {}
+    with torch.inference_mode():
+        for name, weights, lora in (
+            ("gathered", w, RowLora(rows, w.sizes)),
+            ("fused", fused, RowLora(rows, w.sizes, fused=True)),
+            ("base", w, RowLora([None] * 4, w.sizes)),
+        ):
+            cache = weights.new_cache(4, 16)
+            prefill = llama.forward(
+                weights, cache, ids, positions, lora, slots=torch.arange(4), lengths=lengths, last=lengths - 1
+            )
+            step = llama.forward(weights, cache, prefill.argmax(-1)[:, None], lengths[:, None], lora)
+            outs[name] = torch.stack([prefill, step])
+    diff = (outs["fused"] - outs["gathered"]).abs()
+    effect = (outs["gathered"] - outs["base"]).abs()
+    assert diff.max() <= 0.05 * effect[:, [0, 1, 3]].max()  # bf16 rounding, far below the adapters' effect
+    assert diff[:, 2].max() == 0  # the base row's columns are all masked: exactly the base model
+    assert torch.equal(outs["fused"][:, 2], outs["base"][:, 2])
+
+
 def test_merged_adapter_samples_like_the_unmerged_one(tiny, lora_dirs) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = tiny
     engine = Engine(model, tokenizer)
