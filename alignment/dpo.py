@@ -38,13 +38,13 @@ import torch
 from datasets import Dataset
 from pydantic import Field
 from rich.progress import Progress
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 from trl import DPOConfig
 
 from alignment.config import StrictModel
 from alignment.launch import run_training
+from alignment.lora_addmm import use_addmm_lora
 from alignment.lora_precision import MixedPrecision, apply_mixed_precision
 from alignment.models import resolve_model
 from alignment.policy import load_run_policy, load_run_tokenizer
@@ -126,17 +126,40 @@ class DPORunConfig(PolicyRunConfig):
 LM_HEAD_CHUNK = 256  # scored positions per LM-head chunk: (256, V) logits at a time, never (N, V)
 
 
-def _chunk_log_z_and_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    z = (hidden @ weight.t()).float()  # (n, V): the one big matmul, in the weights' dtype
-    log_z = torch.logsumexp(z, dim=-1)
-    with torch.no_grad():
-        z = z.detach()
-        entropy = log_z.detach() - (torch.exp(z - log_z.detach().unsqueeze(-1)) * z).sum(-1)
+class _ChunkLogZ(torch.autograd.Function):
+    """log Z = logsumexp(hidden @ weight^T) of a chunk of scored positions, plus TRL's logged statistics.
+
+    Saves only `hidden` and log Z; the backward rebuilds the chunk's logits once for the softmax
+    (d log Z / d z = softmax(z)). Checkpointing the plain autograd version instead re-ran the whole
+    forward in the backward, statistics included: ~10 full passes over (chunk, V) fp32 logits.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = (hidden @ weight.t()).float()  # (n, V): the one big matmul, in the weights' dtype
         mean_logits = z.mean(-1)
         is_top1 = z.argmax(-1) == targets
-    return log_z, entropy, mean_logits, is_top1
+        peak = z.amax(-1, keepdim=True)
+        e = torch.exp(z - peak)
+        total = e.sum(-1)
+        log_z = peak.squeeze(-1) + total.log()
+        entropy = log_z - torch.linalg.vecdot(e, z) / total  # log Z - E_p[z]
+        ctx.save_for_backward(hidden, weight, log_z)
+        ctx.mark_non_differentiable(entropy, mean_logits, is_top1)
+        return log_z, entropy, mean_logits, is_top1
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_log_z: torch.Tensor, *_: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        hidden, weight, log_z = ctx.saved_tensors
+        z = (hidden @ weight.t()).float()
+        grad_z = z.sub_(log_z.unsqueeze(-1)).exp_().mul_(grad_log_z.unsqueeze(-1)).to(hidden.dtype)
+        grad_hidden = grad_z @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_z.t() @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
 
 
 def completion_log_probs(
@@ -145,16 +168,12 @@ def completion_log_probs(
     """log p(target) for N scored positions, plus TRL's logged statistics (entropy, mean logit, top-1).
 
     hidden: (N, H) final hidden states; weight: (V, H) LM head; targets: (N,) next-token ids.
-    The logits are built `chunk` rows at a time and, when training, recomputed in the backward
-    (activation checkpointing per chunk): the fp32 (N, V) logits and their gradient, the largest
-    tensors of a long-pair DPO step, never exist whole.
+    The logits are built `chunk` rows at a time and rebuilt in the backward (`_ChunkLogZ`): the fp32
+    (N, V) logits and their gradient, the largest tensors of a long-pair DPO step, never exist whole.
     """
-    parts = []
-    for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            parts.append(checkpoint(_chunk_log_z_and_stats, h, weight, t, use_reentrant=False))
-        else:
-            parts.append(_chunk_log_z_and_stats(h, weight, t))
+    parts = [
+        _ChunkLogZ.apply(h, weight, t) for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
+    ]
     log_z, entropy, mean_logits, is_top1 = (torch.cat(p) for p in zip(*parts, strict=True))
     # The target's logit again, in fp32 from its own row of the head: N*H work, no bf16 rounding.
     target_logits = (hidden.float() * weight[targets].float()).sum(-1)
@@ -311,6 +330,7 @@ class PrefloopDPOTrainer(CachedReferenceDPOTrainer):
             self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model,
             share_prompt=share_prompt,
         )
+        use_addmm_lora(self.model)  # scale + add of each LoRA inside its B matmul (`alignment.lora_addmm`)
         if mixed_precision is not None:  # before the reference forwards below
             apply_mixed_precision(self, self.model.get_input_embeddings().weight.dtype, mixed_precision)
         self.precompute_reference_datasets()

@@ -13,7 +13,9 @@ Three contenders, each in its own process (so peak RSS is its own), run in alter
 - prefloop:    `alignment.dpo.build_dpo_trainer` (bf16 weights with fp32 optimizer copies of the LoRA,
   no autocast, no checkpointing, cached reference log-probs, one packed row per pair, completion-only
   LM head);
-- prefloop-autocast (only with --methods): the same with `training.mixed_precision=autocast`.
+- prefloop-autocast (only with --methods): the same with `training.mixed_precision=autocast`;
+- trl-fp32, prefloop-fp32 (only with --methods): both in fp32 without autocast, the like-with-like
+  loss check: in bf16 the per-step losses of any two contenders differ by bf16 noise (see README).
 Peak RSS is each process's high-water mark (and peak GPU memory on a GPU).
 Throughput counts prompt+response tokens of chosen and rejected (no padding). Model FLOPs
 utilisation uses the bf16 matmul peak measured in this run; model FLOPs per token = 4 * params
@@ -39,7 +41,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "smollm2-135m-instruct"
 METHODS = ("trl-default", "trl-bf16", "prefloop")
-EXTRA = {"prefloop": [], "prefloop-autocast": ["training.mixed_precision=autocast"]}
+EXTRA = {
+    "prefloop": [],
+    "prefloop-autocast": ["training.mixed_precision=autocast"],
+    "prefloop-fp32": ["training.dtype=fp32"],
+}
 LEARNING_RATE = 5e-5  # large enough that the losses of later steps move away from log(2)
 
 
@@ -120,7 +126,17 @@ def build_trl(method: str, data_path: Path, out: Path, steps: int):
 
     path = resolve_model(MODEL)
     rows = [row for _, row in read_jsonl(data_path)]
-    extra = {"model_init_kwargs": {"dtype": torch.bfloat16}, "bf16": True} if method == "trl-bf16" else {}
+    extra = {
+        "trl-default": {},
+        "trl-bf16": {"model_init_kwargs": {"dtype": torch.bfloat16}, "bf16": True},
+        # fp32 throughout (no autocast): the loss comparison without bf16 noise. Checkpointing off only
+        # makes it faster; it recomputes the same fp32 numbers.
+        "trl-fp32": {
+            "model_init_kwargs": {"dtype": torch.float32},
+            "bf16": False,
+            "gradient_checkpointing": False,
+        },
+    }[method]
     args = DPOConfig(
         output_dir=str(out),
         per_device_train_batch_size=4,
@@ -376,7 +392,16 @@ def bench_dataset(dataset: str, opts: argparse.Namespace) -> None:
                 f"one epoch of these {4 * n_steps} pairs, prefloop's reference precompute included "
                 f"({precompute:.1f} s, the extra setup time): x{ratio:.2f} vs trl-default"
             )
-        console.print(f"losses: { {m: [round(x, 4) for x in s['losses']] for m, s in summary.items()} }")
+    if "prefloop-fp32" in summary and "trl-fp32" in summary:
+        deltas = [
+            abs(a - b)
+            for a, b in zip(summary["prefloop-fp32"]["losses"], summary["trl-fp32"]["losses"], strict=False)
+        ]
+        console.print(
+            f"{dataset}: fp32 prefloop vs fp32 TRL: max |loss diff| over {len(deltas)} steps "
+            f"{max(deltas, default=float('nan')):.2e}"
+        )
+    console.print(f"losses: { {m: [round(x, 4) for x in s['losses']] for m, s in summary.items()} }")
     print(
         json.dumps(
             {"dataset": dataset, "bf16_peak_gflops": peak, "flops_per_token": flops_per_token, **summary}

@@ -180,6 +180,21 @@ def test_completion_log_probs_match_log_softmax() -> None:
     assert torch.equal(is_top1, logits.argmax(-1) == targets)
 
 
+def test_completion_log_probs_gradients_match_log_softmax() -> None:
+    """The chunked head's own backward (logits rebuilt per chunk) gives autograd's log_softmax gradients."""
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets, upstream = torch.randint(0, 50, (7,)), torch.randn(7)
+    (completion_log_probs(hidden, weight, targets, chunk=3)[0] * upstream).sum().backward()
+    ours = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    expected = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(ours[0], hidden.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[1], weight.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_losses_match_trl_dpo_trainer(
     tiny_model: Path, tmp_path: Path, pairs: tuple[Path, Path, Path]
 ) -> None:
