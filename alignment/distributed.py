@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import ray
 import ray.train
 import torch.distributed as dist
+from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -52,6 +53,10 @@ PROPAGATED_ENV_PREFIXES = ("PREFLOOP_", "HF_", "TRANSFORMERS_", "WANDB_", "TOKEN
 # HF_TOKEN, WANDB_API_KEY...): a worker needs none of the serving keys, and hub/tracking logins
 # are read from their own files. Matched on whole name parts, so TOKENIZERS_* still goes.
 SECRET_ENV_PARTS = frozenset({"KEY", "KEYS", "TOKEN", "TOKENS", "PASSWORD", "SECRET", "SECRETS"})
+# The driver's library-noise filters (alignment/quiet.py), run by each worker process at start, before
+# it unpickles the train function (whose imports already log). A per-actor runtime_env's
+# `worker_process_setup_hook` is a no-op in Ray (only ray.init's is exported, as this env var).
+QUIET_WORKER_HOOK = {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "alignment.quiet.quiet_libraries"}
 
 
 class ResourceError(ConfigError):
@@ -246,11 +251,7 @@ def fit_on_ray(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(config.training.save_total_limit, 1) + 1),
-            # the driver's library-noise filters, installed in each worker before it imports anything
-            worker_runtime_env={
-                "env_vars": worker_env(),
-                "worker_process_setup_hook": "alignment.quiet.quiet_libraries",
-            },
+            worker_runtime_env={"env_vars": {**worker_env(), **QUIET_WORKER_HOOK}},
         ),
     )
     result = trainer.fit()
