@@ -89,7 +89,7 @@ async def _fts_queue_search(
 ) -> SearchResponses:
     """A text query on SQLite within the annotation page's filter, answered from the FTS index: the
     count from its doclists and the page ranked and cut there, so only the page's records are read
-    (at 50k records, 14k matches: 33 -> 17 ms CPU, see bench/README.md). bm25 ties go by rowid,
+    (at 50k records, 14k matches: 42 -> 18 ms CPU, see bench/README.md). bm25 ties go by rowid,
     which is insertion order."""
     match = fts_match(fts_queue_query(words, dataset_id, statuses, user.id if user else None))
     ranked = (
