@@ -294,8 +294,9 @@ def segment_attention(
             queries = torch.cat([q_parts[prompt], q_parts[chosen]], dim=1)
             k, v = _keys(k_parts, v_parts, groups, *own, prompt, chosen)
             pieces.append(_causal_attention(queries, k, v, scale))
-            k, v = _keys(k_parts, v_parts, groups, *own, prompt, rejected)
-            pieces.append(_causal_attention(q_parts[rejected], k, v, scale))
+            if segments[i][5]:  # PPO packs (prompt, response) with no rejected side
+                k, v = _keys(k_parts, v_parts, groups, *own, prompt, rejected)
+                pieces.append(_causal_attention(q_parts[rejected], k, v, scale))
         if sizes[-1]:
             pieces.append(query.new_zeros(heads, sizes[-1], dim))
         outputs.append(torch.cat(pieces, dim=1))
