@@ -7,7 +7,7 @@ epochs of 2 minibatches. Contenders, each in its own process (so each peak RSS i
   `generate` rollouts), exported from git into a temporary directory and put first on PYTHONPATH;
 - now: this checkout.
 
-Each times `--warmup` untimed steps (the engine is built and its weights packed in the first one),
+"now" and "before" run side by side (`--sequential`: one after the other); each times `--warmup` untimed steps (the engine is built and its weights packed in the first one),
 then `--steps` steps: wall and process CPU seconds (one thread: the work done, steadier than wall on
 a shared machine) per step and per phase. Losses are compared on the same rollouts: the rollouts
 "now" sampled are saved and replayed into a fresh "before" trainer (same seed, same minibatch order),
@@ -157,7 +157,9 @@ def worker(args: argparse.Namespace) -> None:
 # --- the comparison ---------------------------------------------------------------------------------
 
 
-def run_worker(name: str, root: Path, out: Path, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+def start_worker(
+    name: str, root: Path, out: Path, args: argparse.Namespace, *extra: str
+) -> tuple[subprocess.Popen, Path]:
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS=str(args.threads))
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--worker", "--name", name, "--out", str(out),
@@ -166,8 +168,17 @@ def run_worker(name: str, root: Path, out: Path, args: argparse.Namespace, *extr
     if args.profile:
         cmd.append("--profile")
     print(f"-- {name} ({root}), {uptime()}", flush=True)
-    subprocess.run(cmd, cwd=root, env=env, check=True)
-    return json.loads(out.read_text())
+    return subprocess.Popen(cmd, cwd=root, env=env), out
+
+
+def finish(*workers: tuple[subprocess.Popen, Path]) -> list[dict[str, Any]]:
+    """Wait for workers (each measures its own process CPU time, so running side by side is fair)."""
+    results = []
+    for proc, out in workers:
+        if proc.wait():
+            raise SystemExit(f"worker {proc.args} failed with exit code {proc.returncode}")
+        results.append(json.loads(out.read_text()))
+    return results
 
 
 def median(values: list[float]) -> float:
@@ -188,6 +199,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of each last step")
     parser.add_argument("--no-losses", action="store_true", help="skip replaying the rollouts into 'before'")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument(
+        "--sequential", action="store_true", help="run the contenders one after the other (less memory)"
+    )
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for both contenders")
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -211,18 +225,23 @@ def main() -> None:
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
         timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-        now = run_worker(
+        now_w = start_worker(
             "now", ROOT, tmp / "now.json", args, *timing, "--save-rollouts", str(tmp / "rollouts.pt"), *sets
         )
-        before = run_worker("before", base, tmp / "before.json", args, *timing, *sets)
+        if not args.sequential:
+            before_w = start_worker("before", base, tmp / "before.json", args, *timing, *sets)
+            now, before = finish(now_w, before_w)
+        else:
+            (now,) = finish(now_w)
+            (before,) = finish(start_worker("before", base, tmp / "before.json", args, *timing, *sets))
         replay = None
         if not args.no_losses:
             # The rollouts "now" sampled (warmup included), replayed from the same fresh weights.
-            replay = run_worker(
+            (replay,) = finish(start_worker(
                 "before, replaying now's rollouts", base, tmp / "replay.json", args,
                 "--steps", str(args.warmup + args.steps), "--warmup", "0", "--replay", str(tmp / "rollouts.pt"),
                 *sets,
-            )  # fmt: skip
+            ))  # fmt: skip
     print("load after:", uptime())
 
     def timed(result: dict[str, Any], key: str) -> float:
