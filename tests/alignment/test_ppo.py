@@ -458,3 +458,93 @@ def test_run_resumed_after_a_crash_ends_where_an_uninterrupted_one_does(
     ]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     assert [r["reward/raw"] for r in logs[1]] == [r["reward/raw"] for r in logs[0]]
+
+
+# --- packed forward passes and bf16 adapters (issue 13) --------------------------------------------
+
+
+def padded_logprobs_and_values(trainer, ids: torch.Tensor, mask: torch.Tensor, T: int, temperature: float):  # type: ignore[no-untyped-def]
+    """The forward passes before issue 13: left-padded rows, full model, logits of the last T + 1 positions."""
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = trainer.policy(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=T + 1)
+    logits = out.logits[:, :-1].float() / temperature
+    logprobs = logits.gather(-1, ids[:, -T:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    hidden = trainer.critic.trunk(
+        input_ids=ids, attention_mask=mask, position_ids=positions
+    ).last_hidden_state
+    return logprobs, trainer.critic.head(hidden[:, -T - 1 : -1])
+
+
+def test_packed_passes_equal_padded_ones_and_do_not_depend_on_the_batch(
+    eos_model: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    """Padding-free packing computes the padded batch's log-probs and values (fp32), and a rollout's
+    numbers are the same in the whole batch as in any minibatch (bf16 too), so the PPO ratio starts at 1."""
+    from alignment.models import load_tokenizer
+    from alignment.rl.experience import generate_rollouts
+    from alignment.rl.models import critic_values, forward_policy
+
+    for dtype in ("fp32", "bf16"):
+        overrides = ppo_overrides(
+            eos_model, prompt_file, tmp_path / dtype, "ppo.critic=separate", f"training.dtype={dtype}"
+        )
+        trainer, prompts, prompt_ids = build_ppo_trainer(
+            load_config(PPORunConfig, None, overrides), short_response_reward(load_tokenizer(eos_model))
+        )
+        with torch.no_grad():  # a value head that is not zero, so values are compared for real
+            trainer.critic.head.summary.weight.normal_()
+        g = trainer.ppo.generation
+        # prompts of different lengths, so the padded batch really is padded
+        ids_in = [p + p[-3:] * (i % 3) for i, p in enumerate(prompt_ids[:8])]
+        rollout = generate_rollouts(trainer.policy, trainer.tokenizer, ids_in, prompts[:8], g)
+        ids, mask, T = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
+        response = rollout.response_mask.bool()
+        assert not mask.bool().all()
+        with torch.no_grad():
+            logprobs, _, _ = forward_policy(trainer.policy, ids, mask, T, 0.7)
+            values = critic_values(trainer.critic, ids, mask, T)
+            rows = torch.tensor([5, 1, 6])
+            sub_logprobs, _, _ = forward_policy(trainer.policy, ids[rows], mask[rows], T, 0.7)
+            sub_values = critic_values(trainer.critic, ids[rows], mask[rows], T)
+            assert torch.equal(sub_logprobs[response[rows]], logprobs[rows][response[rows]])
+            assert torch.equal(sub_values[response[rows]], values[rows][response[rows]])
+            assert (logprobs[~response] == 0).all() and (values[~response] == 0).all()
+            if dtype == "fp32":
+                for module in (trainer.policy.get_base_model(), trainer.critic.trunk.get_base_model()):
+                    module.set_attn_implementation("eager")
+                want_logprobs, want_values = padded_logprobs_and_values(trainer, ids, mask, T, 0.7)
+                torch.testing.assert_close(logprobs[response], want_logprobs[response], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(values[response], want_values[response], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_adapters_step_fp32_masters_and_resume_them(
+    eos_model: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    """bf16 base: LoRA weights are bf16 in the model (no fp32 casts of activations), the optimizer
+    steps fp32 masters, and a checkpoint restores the masters themselves, not their bf16 rounding."""
+    from alignment.models import load_tokenizer
+
+    overrides = ppo_overrides(
+        eos_model, prompt_file, tmp_path / "run", "training.dtype=bf16", "ppo.critic=separate",
+        "ppo.ppo_epochs=1", "training.learning_rate=1e-4",
+    )  # fmt: skip
+    config = load_config(PPORunConfig, None, overrides)
+    trainer, prompts, prompt_ids = build_ppo_trainer(config, short_response_reward(load_tokenizer(eos_model)))
+    lora = [p for n, p in trainer.policy.named_parameters() if "lora_" in n and p.requires_grad]
+    assert lora and all(p.dtype == torch.bfloat16 for p in lora)
+    assert all(p.dtype == torch.float32 for g in trainer.optimizer.param_groups for p in g["params"])
+    trainer.step(prompts[:16], prompt_ids[:16])
+    masters = [m.detach().clone() for _, m in trainer.masters[0].pairs]
+    assert any(
+        not torch.equal(m, p.float()) for m, (p, _) in zip(masters, trainer.masters[0].pairs, strict=True)
+    )
+    for master, (param, _) in zip(masters, trainer.masters[0].pairs, strict=True):
+        assert torch.equal(master.to(torch.bfloat16), param)
+    trainer.save_checkpoint(tmp_path / "checkpoint-1", 1, {"rng": None, "order": []})
+
+    fresh, _, _ = build_ppo_trainer(config, short_response_reward(load_tokenizer(eos_model)))
+    fresh.load_checkpoint(tmp_path / "checkpoint-1")
+    for want, (param, master) in zip(masters, fresh.masters[0].pairs, strict=True):
+        assert torch.equal(master, want)
+        assert torch.equal(param, want.to(torch.bfloat16))
+    assert all(p.grad is None for p in lora)  # cleared after each step
