@@ -3,8 +3,11 @@
 SmolLM2-135M-Instruct + LoRA r16, bf16, a separate LoRA critic, 16 prompts, 64 new tokens, 2 PPO
 epochs of 2 minibatches. Contenders, each in its own process (so each peak RSS is its own):
 
-- before: the tree at BASE_REV (the last commit before the generation engine replaced PPO's HF
-  `generate` rollouts), exported from git into a temporary directory and put first on PYTHONPATH;
+- before: the PPO step before issue 13: the tree at BASE_REV (the commit before this bench's PPO
+  changes) exported from git into a temporary directory and put first on PYTHONPATH, with its
+  rollouts sampled by HF `generate` as at ROLLOUT_REV (that commit's `generate_rollouts`, verbatim,
+  also exported; the tree at ROLLOUT_REV itself does not import: its rl/models.py needs a helper
+  committed later). Between the two commits only the rollouts changed in alignment/rl/;
 - now: this checkout.
 
 "now" and "before" run side by side (`--sequential`: one after the other); each times `--warmup` untimed steps (the engine is built and its weights packed in the first one),
@@ -31,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_REV = "a1e4a3f"  # rl: split alignment/ppo.py into alignment/rl/; rollouts still by HF generate
+BASE_REV = "ed51ef3"  # the last commit before ppo-perf's changes of alignment/rl/ (issue 13)
+ROLLOUT_REV = "a1e4a3f"  # the last commit whose PPO rollouts were sampled by HF generate
 STAT_KEYS = (
     "loss/policy",
     "loss/value",
@@ -85,6 +89,15 @@ def worker(args: argparse.Namespace) -> None:
     step_index = [0]
     saved: list[Any] = []
     original_rollouts = pt.generate_rollouts
+    if args.hf_rollouts:
+        from alignment.rl.experience_hf import generate_rollouts as hf_generate_rollouts
+
+        def original_rollouts(
+            policy: Any, tokenizer: Any, prompt_ids: Any, prompts: Any, g: Any, engine: Any = None
+        ) -> Any:
+            return hf_generate_rollouts(policy, tokenizer, prompt_ids, prompts, g)
+
+        pt.rollout_engine = lambda *a, **k: None  # no engine (nor its memory) in the old path
 
     def rollouts(*a: Any, **k: Any) -> Any:
         if replay is not None:
@@ -196,6 +209,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per contender")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--base-rev", default=BASE_REV)
+    parser.add_argument("--rollout-rev", default=ROLLOUT_REV)
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of each last step")
     parser.add_argument("--no-losses", action="store_true", help="skip replaying the rollouts into 'before'")
     parser.add_argument("--json", help="also write the figures here")
@@ -209,6 +223,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--save-rollouts", help=argparse.SUPPRESS)
     parser.add_argument("--replay", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-rollouts", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -224,22 +239,29 @@ def main() -> None:
             ["git", "archive", args.base_rev], cwd=ROOT, capture_output=True, check=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        (base / "alignment/rl/experience_hf.py").write_bytes(
+            subprocess.run(
+                ["git", "show", f"{args.rollout_rev}:alignment/rl/experience.py"],
+                cwd=ROOT, capture_output=True, check=True,
+            ).stdout
+        )  # fmt: skip
         timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        old = ["--hf-rollouts"]
         now_w = start_worker(
             "now", ROOT, tmp / "now.json", args, *timing, "--save-rollouts", str(tmp / "rollouts.pt"), *sets
         )
         if not args.sequential:
-            before_w = start_worker("before", base, tmp / "before.json", args, *timing, *sets)
+            before_w = start_worker("before", base, tmp / "before.json", args, *timing, *old, *sets)
             now, before = finish(now_w, before_w)
         else:
             (now,) = finish(now_w)
-            (before,) = finish(start_worker("before", base, tmp / "before.json", args, *timing, *sets))
+            (before,) = finish(start_worker("before", base, tmp / "before.json", args, *timing, *old, *sets))
         replay = None
         if not args.no_losses:
             # The rollouts "now" sampled (warmup included), replayed from the same fresh weights.
             (replay,) = finish(start_worker(
                 "before, replaying now's rollouts", base, tmp / "replay.json", args,
-                "--steps", str(args.warmup + args.steps), "--warmup", "0", "--replay", str(tmp / "rollouts.pt"),
+                "--steps", str(args.warmup + args.steps), "--warmup", "0", "--replay", str(tmp / "rollouts.pt"), *old,
                 *sets,
             ))  # fmt: skip
     print("load after:", uptime())
