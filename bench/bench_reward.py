@@ -9,9 +9,9 @@ pairs, batch size, learning rate and number of steps. Per data set:
   defaults for everything that affects speed: fp32 weights under bf16 autocast, gradient checkpointing,
   random batches, chosen and rejected as separate padded sequences;
 - trl-bf16:    the same with the weights loaded in bf16 (`model_init_kwargs={"dtype": bf16}`, `bf16=True`);
-- prefloop:    `reward.trainer.build_reward_trainer` with its defaults (one packed row per pair, bf16
-  weights with fp32 optimizer copies of the LoRA/head, per-sequence attention, no checkpointing,
-  length-grouped batches);
+- prefloop:    `reward.trainer.build_reward_trainer` with its defaults (a batch's pairs packed into one
+  row without padding, micro-batches of <= 1024 tokens, bf16 weights with fp32 optimizer copies of
+  the LoRA/head, per-sequence attention, no checkpointing, length-grouped batches);
 - prefloop-autocast, prefloop-ckpt (only with --methods): `training.mixed_precision=autocast`, or
   `training.gradient_checkpointing=true` (activation checkpointing, as TRL does by default).
 Each configuration runs in its own process (so its peak RSS is its own); with --rounds > 1 the order
@@ -256,6 +256,7 @@ def run_worker(method: str, dataset: str, steps: int, args: argparse.Namespace, 
     result = json.loads(out.read_text())
     print(
         f"  {dataset:8s} {method:12s} {result['pairs_per_second']:.3f} pairs/s  "
+        f"{result['pairs_per_cpu_second']:.3f} pairs/CPU-s  "
         f"peak RSS {result['peak_rss_mib']:.0f} MiB  scoring {result['score_pairs_per_second']:.2f} pairs/s  "
         f"acc {result['accuracy']:.2f}  (process {time.perf_counter() - start:.0f}s)",
         flush=True,
