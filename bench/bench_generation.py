@@ -16,12 +16,9 @@ length), timed alternately so both sides see the same machine load:
 Also reported: the log-prob drift of each engine variant against a separate HF forward pass of
 the unmerged policy over the same sampled tokens (max and mean |difference|, nats), beside the
 same drift of HF `generate`'s own step logits (the bf16 noise floor), and the engine's KV-cache
-size. Times are wall and process CPU time (one thread: the work done, whatever the neighbours). `--profile` prints the torch profiler's top operators for one HF and
-one engine decode of 16 tokens. `--ppo` times PPO steps instead (16 prompts, 64 new tokens, 2 PPO
-epochs, `--repeats` steps): rollouts by the engine vs by HF generate (the pre-issue-13 sampler),
-each on a trainer built with the same seed (one after the other), with the step's losses printed
-beside the times. The samplers draw different random numbers, so the losses agree in
-distribution, not token for token.
+size. Times are wall and process CPU time (one thread: the work done, whatever the neighbours).
+`--profile` prints the torch profiler's top operators for one HF and one engine decode of 16
+tokens. The PPO step is bench/bench_ppo.py's.
 """
 
 from __future__ import annotations
@@ -119,98 +116,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def hf_generate_rollouts(policy, tokenizer, prompt_ids, prompts, generation, engine=None):  # type: ignore[no-untyped-def]
-    """The rollout sampler before issue 13 (alignment/rl/experience.py at a1e4a3f), verbatim but
-    for the unused `engine` argument: the baseline of `--ppo`."""
-    from transformers import GenerationConfig
-
-    from alignment.rl.data import pad
-    from alignment.rl.experience import Rollout
-
-    device = next(policy.parameters()).device
-    query_ids = pad(prompt_ids, tokenizer.pad_token_id, "left").to(device)
-    query_mask = pad([[1] * len(p) for p in prompt_ids], 0, "left").to(device)
-    config = GenerationConfig(
-        do_sample=True, temperature=generation.temperature, top_p=generation.top_p, top_k=0,
-        max_new_tokens=generation.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    output = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
-    response_ids = output[:, query_ids.shape[1] :]
-    is_eos = response_ids == tokenizer.eos_token_id
-    ended_with_eos = is_eos.any(dim=1)
-    T = response_ids.shape[1]
-    first_eos = torch.where(
-        ended_with_eos, is_eos.int().argmax(dim=1), torch.full_like(ended_with_eos, T - 1, dtype=torch.long)
-    )
-    response_mask = (torch.arange(T, device=device)[None, :] <= first_eos[:, None]).long()
-    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return Rollout(
-        list(prompts), responses, query_ids, query_mask, response_ids, response_mask, ended_with_eos
-    )
-
-
-def bench_ppo(args: argparse.Namespace) -> None:
-    """One PPO step (16 prompts, 64 new tokens, 2 epochs, LoRA r16, bf16), rollouts by the engine
-    vs by HF generate, each on its own trainer built with the same seed."""
-    import tempfile
-
-    import alignment.rl.ppo_trainer as ppo_trainer
-    from alignment.config import load_config
-    from alignment.rl.config import PPORunConfig
-
-    def reward(prompts: list, responses: list[str]) -> list[float]:  # cheap and deterministic
-        return [min(len(r), 200) / 100 for r in responses]
-
-    print("load before:", uptime(), flush=True)
-    import gc
-
-    original = ppo_trainer.generate_rollouts
-    stats: dict[str, list[dict[str, float]]] = {"engine": [], "hf": []}
-    times: dict[str, list[float]] = {"engine": [], "hf": []}
-    cpu: dict[str, list[float]] = {"engine": [], "hf": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        # One trainer at a time (two SmolLM2 PPO trainers at once did not fit beside the other
-        # engineers' jobs): same seed, so both start from the same weights and prompts.
-        for name in ("engine", "hf"):
-            overrides = [
-                f"model={args.model}", f"output_dir={tmp}/{name}", "tracking.report_to=none",
-                "training.dtype=bf16", "lora.r=16", "lora.dropout=0.0", "ppo.rollout_batch_size=16",
-                "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.generation.max_new_tokens=64",
-            ]  # fmt: skip
-            trainer, prompts, prompt_ids = ppo_trainer.build_ppo_trainer(
-                load_config(PPORunConfig, None, overrides), reward
-            )
-            ppo_trainer.generate_rollouts = original if name == "engine" else hf_generate_rollouts
-            for step in range(args.repeats):
-                torch.manual_seed(100 + step)
-                start, start_cpu = time.perf_counter(), time.process_time()
-                stats[name].append(trainer.step(prompts[:16], prompt_ids[:16]))
-                times[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-                print(name, step, f"{times[name][-1]:.1f} s", f"cpu {cpu[name][-1]:.1f} s", flush=True)
-            del trainer
-            gc.collect()
-        ppo_trainer.generate_rollouts = original
-    figures: dict[str, object] = {"peak_rss_mib": round(peak_rss_mib(), 0)}
-    print("load after:", uptime())
-    keys = ("loss/policy", "loss/value", "objective/kl", "reward/raw", "rollout/eos_fraction")
-    for name in ("hf", "engine"):
-        figures[name] = {
-            "step_s": [round(t, 1) for t in times[name]], "step_cpu_s": [round(t, 1) for t in cpu[name]],
-            **{k: [round(float(s.get(k, float("nan"))), 4) for s in stats[name]] for k in keys},
-        }  # fmt: skip
-        print(name, json.dumps(figures[name]))
-    print(
-        f"PPO step: engine x{statistics.median(times['hf']) / statistics.median(times['engine']):.2f} wall, "
-        f"x{statistics.median(cpu['hf']) / statistics.median(cpu['engine']):.2f} CPU time vs HF generate rollouts"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,12 +130,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-adapter rows")
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--ppo", action="store_true", help="time one PPO step instead (see bench_ppo)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.ppo:
-        bench_ppo(args)
-        return
 
     from alignment.generation import Engine, SamplingParams
 
@@ -259,6 +160,8 @@ def main() -> None:
     hf_generate(model, tokenizer, prompts, 4)
     engine.generate(prompts, short, "a0")
     merged.generate(prompts, short, "a0")
+    if not args.no_mixed:  # builds the engine's fused mixed-adapter weights (once per adapter set)
+        engine.generate(prompts, short, mixed)
     times: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, object] = {}

@@ -10,7 +10,8 @@
 #   1. SFT        bench/bench_sft.py (fp32 vs bf16 tokens/s)
 #   2. reward     bench/bench_reward.py, prefloop's trainer on the bundled pairs
 #   3. DPO        bench/bench_dpo.py, prefloop's trainer
-#   4. PPO step   bench/bench_generation.py --ppo (engine vs HF generate rollouts, losses beside)
+#   4. PPO step   bench/bench_ppo.py (today's step vs the pre-issue-13 tree from git, losses on the
+#                 same rollouts; needs the git history)
 #   5. generation bench/bench_generation.py (decode batch 16 x 128 tokens, engine vs HF generate)
 # A stage that fails or times out is reported and the next one still runs; the exit status is
 # the number of failed stages.
@@ -39,6 +40,9 @@ fi
 failed=0
 stage() {  # stage NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
+  # A dry run is on a (possibly shared) CPU, not the GPU's 8-minute budget: bench_sft alone
+  # imports transformers/TRL for over 60 s before parsing --help on a loaded box.
+  (( DRY )) && limit=$((limit * 4))
   echo; echo "=== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout "$limit" "$@"
@@ -56,8 +60,8 @@ else
   stage reward 90 "$PY" bench/bench_reward.py --steps 6 --methods prefloop --datasets bundled
   stage dpo 80 "$PY" bench/bench_dpo.py --steps 5 --warmup 2 --rounds 1 --methods prefloop
 fi
-stage ppo-step 110 "$PY" bench/bench_generation.py --ppo --model "$MODEL" --device "$DEVICE" --repeats 2 "${THREADS[@]}"
-stage generation 90 "$PY" bench/bench_generation.py --model "$MODEL" --device "$DEVICE" --batch "$BATCH" \
+stage ppo-step 120 "$PY" bench/bench_ppo.py --model "$MODEL" --steps 1 --warmup 1 "${THREADS[@]}"
+stage generation 80 "$PY" bench/bench_generation.py --model "$MODEL" --device "$DEVICE" --batch "$BATCH" \
   --new-tokens "$NEW" --repeats 2 "${THREADS[@]}"
 echo; echo "gpu_check: $failed stage(s) failed"
 exit "$failed"
