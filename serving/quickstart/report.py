@@ -67,6 +67,9 @@ def plot_training(ctx: Context) -> dict[str, bytes]:
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
         left.plot(*_series(reward, "loss"), marker="o", label="train")
         left.set(title="Reward model loss", xlabel="step", ylabel="loss")
+        # the reward trainer evaluates once after training (reward_eval.json), so the curve is the
+        # logged training batches' pair accuracy; a per-epoch eval split shows too where it ran
+        right.plot(*_series(reward, "accuracy"), marker="o", label="train batches")
         steps, acc = _series(reward, "eval_accuracy")
         if steps:
             right.plot(steps, acc, marker="s", label="eval split (per epoch)")
@@ -77,7 +80,7 @@ def plot_training(ctx: Context) -> dict[str, bytes]:
                 ls="--",
                 label=f"held-out pairs: {reward_eval['accuracy']:.2f}",
             )
-        right.axhline(0.5, color="grey", lw=0.8)
+        right.axhline(0.5, color="grey", lw=0.8, label="chance")
         right.set(title="Reward model accuracy", xlabel="step", ylim=(0, 1))
         right.legend(fontsize=8)
         plots["Reward model loss and held-out accuracy"] = _png(fig)
