@@ -1,8 +1,8 @@
 """The one place that silences library output known to be harmless in prefloop's runs.
 
 `quiet_libraries()` is called by the `prefloop` command before any stage runs (serving/cli.py) and
-by every Ray Train worker as its process setup hook (alignment/distributed.py); Python callers of
-the trainers may call it too. Each filter names the library, the exact message and why it is
+by every Ray Train worker process at start, as Ray's setup hook (alignment/distributed.py); Python
+callers of the trainers may call it too. Each filter names the library, the exact message and why it is
 harmless here; anything else a library warns about still shows. `PREFLOOP_LIBRARY_NOISE=1` turns
 every filter off, to see what the libraries say.
 
@@ -52,7 +52,7 @@ LOG_FILTERS: tuple[tuple[str, str, str], ...] = (
         r"Failed to load CPU gemm_4bit_forward from kernels-community",
         # Logged on import of bitsandbytes (pulled in by peft/transformers) when the optional
         # `kernels` package is absent; bitsandbytes then uses its own torch implementation. prefloop
-        # trains bf16 LoRA on CPU by default; 4-bit (QLoRA) is for CUDA, where this path is unused.
+        # trains bf16 LoRA on CPU by default; QLoRA on CPU still works, on that slower path.
         "an optional faster CPU 4-bit kernel is absent; bitsandbytes falls back to torch",
     ),
     (
@@ -141,9 +141,6 @@ def quiet_libraries() -> None:
         import datasets
 
         datasets.disable_progress_bars()  # a no-op where the user set the env var before the import
-    # tokenizers warns after every fork (Ray, DataLoader workers, `prefloop serve`) that it disables
-    # its own parallelism: that is the safe behaviour, said once per child.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.set_tqdm_hook(None)

@@ -36,8 +36,8 @@ SILENCED = {
 def fresh_quiet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """quiet_libraries() installs again, inside a warnings context that is undone afterwards."""
     monkeypatch.setattr(quiet, "_installed", False)
-    for name in (quiet.SHOW_ALL_ENV, "HF_DATASETS_DISABLE_PROGRESS_BARS", "TOKENIZERS_PARALLELISM"):
-        monkeypatch.delenv(name, raising=False)  # and restored after the test: quiet sets two of them
+    for name in (quiet.SHOW_ALL_ENV, "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # and restored after the test: quiet sets the second
     with warnings.catch_warnings():
         yield
 
