@@ -227,14 +227,13 @@ class Engine:
     # --- internals ------------------------------------------------------------------------
 
     def _row_lora(self, seqs: list[Sequence]) -> tuple[llama.LlamaWeights, RowLora]:
-        """The weights and LoRA for a batch of `seqs`. A batch that mixes adapters (or adapters
-        and the base model) on packed bf16 CPU weights runs on a copy with every loaded
-        adapter's A fused into the packed projections (`LlamaWeights.with_adapters`; rebuilt,
-        one repack of the model, when the adapters changed); a batch with one adapter for every
-        row keeps the plain weights and that adapter's own A/B (no wasted columns)."""
+        """The weights and LoRA for a batch of `seqs`. On packed bf16 CPU weights a batch with
+        any adapter runs on a copy with every loaded adapter's A fused into the packed
+        projections (`LlamaWeights.with_adapters`; rebuilt, one repack of the model, when the
+        adapters changed): one call fewer per projection than the adapter's own A/B, which
+        outweighed the other adapters' wasted columns (bench/README.md)."""
         adapters = [self._adapter(s) for s in seqs]
-        mixed = len({id(a) for a in adapters}) > 1
-        if mixed and self.base_weights.prepack and self.merged is None:
+        if any(a is not None for a in adapters) and self.base_weights.prepack and self.merged is None:
             if self._fused is None:
                 self._fused = self.base_weights.with_adapters(list(self.adapters.values()))
             return self._fused, RowLora(adapters, self.weights.sizes, fused=True)
