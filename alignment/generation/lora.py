@@ -1,14 +1,13 @@
 """LoRA adapters applied per row, so one batch can mix adapters (and rows without one).
 
-Each adapter is a set of (A, scaled B) pairs per (layer, projection). A batch where every row
-uses the same adapter takes two plain matmuls per projection (packed once for oneDNN in bf16 on
-CPU, where the second one also adds the base output); a batch with no adapter takes none. A batch
-that mixes adapters: on packed bf16 CPU weights, every loaded adapter's A rides along in the base
-projection's packed matrix and a 0/1 column mask picks each row's adapter
-(`LlamaWeights.with_adapters`); otherwise (fp32, GPU) the rows' adapters are gathered once into
-[rows, r, in] / [rows, out, r] stacks (again only when the batch's composition changes) for two
-batched matmuls. Both replace PEFT's `adapter_names` path, which splits every projection's input
-by adapter and runs each part separately.
+Each adapter is a set of (A, scaled B) pairs per (layer, projection). On packed bf16 CPU weights,
+every loaded adapter's A rides along in the base projection's packed matrix and a 0/1 column
+mask picks each row's adapter (`LlamaWeights.with_adapters`, chosen by the engine). Otherwise
+(fp32, GPU) a batch where every row uses the same adapter takes two plain matmuls per
+projection, and a mixed batch gathers the rows' adapters once into [rows, r, in] / [rows, out, r]
+stacks (again only when the batch's composition changes) for two batched matmuls; a batch with
+no adapter takes none. Both replace PEFT's `adapter_names` path, which splits every
+projection's input by adapter and runs each part separately.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ class Adapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     _groups: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
-    _packed: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def groups(
         self, sizes: dict[str, list[tuple[str, int]]]
@@ -65,23 +63,6 @@ class Adapter:
                         out_at += out
                     self._groups[layer, group] = (a_cat, b_bd)
         return self._groups
-
-    def packed_groups(
-        self, sizes: dict[str, list[tuple[str, int]]]
-    ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-        """`groups` in oneDNN's blocked layout (bf16 on CPU), packed once: a decode step's
-        tiny LoRA matmuls otherwise re-lay out A and B at every call."""
-        if self._packed is None:
-            pack = torch.ops.mkldnn._reorder_linear_weight
-            self._packed = {
-                key: (pack(a, 16), pack(b.contiguous(), 16)) for key, (a, b) in self.groups(sizes).items()
-            }
-        return self._packed
-
-
-def _packable(adapter: Adapter) -> bool:
-    a, _ = next(iter(adapter.weights.values()))
-    return a.device.type == "cpu" and a.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 def _check_config(config: dict, where: str) -> None:
@@ -178,8 +159,7 @@ class RowLora:
         self._masks: dict[tuple[tuple[str, int, int], ...], torch.Tensor | None] = {}
         self.shared: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
         if len(used) == 1 and None not in adapters and not fused:
-            only = next(iter(used.values()))
-            self.shared = only.packed_groups(sizes) if _packable(only) else only.groups(sizes)
+            self.shared = next(iter(used.values())).groups(sizes)
         self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         if self.none or self.shared is not None or fused:
             return
@@ -224,11 +204,7 @@ class RowLora:
             ab = self.shared.get((layer, group))
             if ab is None:
                 return y
-            a, b = ab
-            if a.is_mkldnn:  # packed: oneDNN adds y in the B matmul's epilogue
-                xa = torch.ops.mkldnn._linear_pointwise(x.contiguous(), a, None, "none", [], "")
-                return torch.ops.mkldnn._linear_pointwise.binary(xa, y.contiguous(), b, None, "add")
-            return y + F.linear(F.linear(x, a), b)
+            return y + F.linear(F.linear(x, ab[0]), ab[1])
         stacks = self._stacks.get((layer, group))
         if stacks is None:
             return y
