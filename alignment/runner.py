@@ -47,7 +47,9 @@ class TrainingSettings(StrictModel):
     )
     max_grad_norm: float = 1.0
     logging_steps: int = Field(5, ge=1)
-    eval_steps: int | None = Field(None, description="Evaluate every N steps (default: once per epoch).")
+    eval_steps: int | None = Field(
+        None, description="Also evaluate every N steps during training (default: once, after training)."
+    )
     save_steps: int | None = Field(None, description="Checkpoint every N steps (default: once per epoch).")
     save_total_limit: int = 2
     early_stopping_patience: int | None = Field(
@@ -135,6 +137,9 @@ def training_arguments(args_cls: type[A], config: RunConfig, has_eval: bool, **e
     t = config.training
     plan = device_plan(config)
     strategy = "steps" if t.eval_steps else "epoch"
+    # Otherwise the held-out set is evaluated once, after training (`final_evaluation`): an
+    # epoch-end evaluation of the same weights would double its cost for nothing.
+    eval_during = has_eval and evaluates_during_training(config)
     return args_cls(
         output_dir=str(config.output_dir),
         num_train_epochs=t.epochs,
@@ -149,14 +154,14 @@ def training_arguments(args_cls: type[A], config: RunConfig, has_eval: bool, **e
         optim=t.optim,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
-        eval_strategy=strategy if has_eval else "no",
+        eval_strategy=strategy if eval_during else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "epoch",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
         # Early stopping needs the best checkpoint tracked on the eval loss.
-        load_best_model_at_end=has_eval and t.early_stopping_patience is not None,
-        metric_for_best_model="eval_loss" if has_eval else None,
+        load_best_model_at_end=eval_during and t.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss" if eval_during else None,
         activation_checkpointing=t.gradient_checkpointing,
         seed=t.seed,
         report_to=setup_tracking(config.tracking, config.output_dir),
@@ -166,6 +171,12 @@ def training_arguments(args_cls: type[A], config: RunConfig, has_eval: bool, **e
         **plan.trainer_precision(autocast_bf16=t.mixed_precision == "autocast"),
         **extra,
     )
+
+
+def evaluates_during_training(config: RunConfig) -> bool:
+    """Evaluation during training only where something reads it: early stopping, or asked for."""
+    t = config.training
+    return t.early_stopping_patience is not None or t.eval_steps is not None
 
 
 def callbacks(config: RunConfig, has_eval: bool) -> list[Any]:

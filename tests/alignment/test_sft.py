@@ -109,3 +109,30 @@ def test_overlength_rows_are_counted_then_dropped_or_kept(tiny_model: Path, tmp_
         build_datasets(
             tiny_config(tiny_model, tmp_path, "data.max_length=10", "data.overlength=drop"), tokenizer
         )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "evaluations"),
+    [((), 1), (("training.eval_steps=2",), 3)],
+    ids=["once-after-training", "asked-for-every-2-steps"],
+)
+def test_held_out_set_is_evaluated_once_unless_asked(
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overrides: tuple[str, ...],
+    evaluations: int,
+) -> None:
+    from transformers import Trainer
+
+    calls: list[int] = []
+    real_evaluate = Trainer.evaluate
+
+    def counting_evaluate(self: Trainer, *args: object, **kwargs: object) -> dict[str, float]:
+        calls.append(self.state.global_step)
+        return real_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", counting_evaluate)
+    metrics = train_sft(tiny_config(tiny_model, tmp_path, "training.max_steps=4", *overrides))
+    assert "eval_loss" in metrics
+    assert len(calls) == evaluations, calls  # 2 steps: steps 2 and 4, then the final evaluation
