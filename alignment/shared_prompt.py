@@ -30,6 +30,7 @@ flex attention has no CPU backward in torch 2.13); on GPUs each segment is one S
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -214,40 +215,59 @@ def mask_for_attention(mask: torch.Tensor, model: torch.nn.Module, dtype: torch.
 
 
 def _causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, keep_scores: bool = False
 ) -> torch.Tensor:
-    """(H, Lq, D) queries that are the last Lq of Lk keys, each seeing the keys up to its own position."""
+    """(H, Lq, D) queries that are the last Lq of Lk keys (KV heads, Lk, D), each seeing the keys up to its own position."""
     lq, lk = query.shape[-2], key.shape[-2]
     if query.device.type != "cpu":
+        groups = query.shape[0] // key.shape[0]
+        key, value = key.repeat_interleave(groups, dim=0), value.repeat_interleave(groups, dim=0)
         mask = None if lq == lk else torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=lq == lk, scale=scaling
         )
-    if torch.is_grad_enabled() and query.requires_grad:
+    if torch.is_grad_enabled() and query.requires_grad and not keep_scores:
         # Keep q, k, v for the backward and recompute the (H, Lq, Lk) scores there: the saved fp32
         # softmax and bf16 weights were ~1.6 GB of a long-pair reward step, the recompute ~5% of it.
+        # Under a token budget (the reward trainer's micro-batches) keeping them is cheaper.
         return checkpoint(_eager_causal, query, key, value, scaling, use_reentrant=False)
     return _eager_causal(query, key, value, scaling)
+
+
+@functools.lru_cache(maxsize=32)
+def _future_bias(rows: int, lq: int, lk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(rows * Lq, Lk) additive causal mask, `rows` copies stacked: built once, reused by every layer."""
+    future = torch.ones(lq, lk, dtype=torch.bool, device=device).triu(lk - lq + 1)
+    bias = torch.zeros(lq, lk, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)
+    return bias.repeat(rows, 1)
 
 
 def _eager_causal(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """Eager, as transformers' eager attention computes it (fp32 softmax), for one sequence's keys only."""
-    lq, lk = query.shape[-2], key.shape[-2]
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    future = torch.ones(lq, lk, dtype=torch.bool, device=query.device).triu(lk - lq + 1)
-    scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    """Eager, as transformers' eager attention computes it (fp32 softmax), for one sequence's keys only.
+
+    The query heads that share a KV head are stacked into one (groups * Lq, D) matrix, so keys and
+    values are never repeated, and the scale and the mask are one `baddbmm` with a cached bias (no
+    masked_fill in the forward or the backward).
+    """
+    heads, lq, dim = query.shape
+    kv_heads, lk = key.shape[0], key.shape[-2]
+    groups = heads // kv_heads
+    bias = _future_bias(groups, lq, lk, query.dtype, query.device)
+    scores = torch.baddbmm(
+        bias, query.reshape(kv_heads, groups * lq, dim), key.transpose(-1, -2), alpha=scaling
+    )
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(weights, value)
+    return torch.matmul(weights, value).view(heads, lq, dim)
 
 
 def _keys(
-    k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], groups: int, *indices: int
+    k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], *indices: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's keys and values, from the row's pieces; KV heads repeated for grouped-query attention."""
+    """One sequence's keys and values (KV heads, Lk, D), from the row's pieces."""
     k, v = (torch.cat([parts[i] for i in indices], dim=1) for parts in (k_parts, v_parts))
-    return k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+    return k, v
 
 
 def segment_attention(
@@ -259,20 +279,23 @@ def segment_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     pair_segments: torch.Tensor | None = None,
+    keep_attention_scores: bool = False,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Attention over packed pairs, one sequence at a time (module docstring); SDPA without segments.
 
     query (rows, H, T, D), key/value (rows, KV heads, T, D); returns (rows, T, H, D) like transformers'
-    attention functions. Padding positions get zeros.
+    attention functions. Padding positions get zeros. `keep_attention_scores`: save each sequence's
+    scores for the backward instead of recomputing them (faster; for callers whose tokens per forward
+    are capped, like the reward trainer's micro-batches).
     """
     if pair_segments is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     _, heads, width, dim = query.shape
-    groups = heads // key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
+    keep = keep_attention_scores
     by_row: dict[int, list[list[int]]] = {}
     for segment in pair_segments.tolist():
         by_row.setdefault(segment[0], []).append(segment)
@@ -287,16 +310,16 @@ def segment_attention(
         q_parts, k_parts, v_parts = (t.split(sizes, dim=1) for t in (q_row, k_row, v_row))
         pieces = []
         if prefix:
-            pieces.append(_causal_attention(q_parts[0], *_keys(k_parts, v_parts, groups, 0), scale))
+            pieces.append(_causal_attention(q_parts[0], *_keys(k_parts, v_parts, 0), scale, keep))
         for i in range(len(segments)):
             prompt, chosen, rejected = 1 + 3 * i, 2 + 3 * i, 3 + 3 * i
             own = (0,) if prefix else ()
             queries = torch.cat([q_parts[prompt], q_parts[chosen]], dim=1)
-            k, v = _keys(k_parts, v_parts, groups, *own, prompt, chosen)
-            pieces.append(_causal_attention(queries, k, v, scale))
+            k, v = _keys(k_parts, v_parts, *own, prompt, chosen)
+            pieces.append(_causal_attention(queries, k, v, scale, keep))
             if segments[i][5]:  # PPO packs (prompt, response) with no rejected side
-                k, v = _keys(k_parts, v_parts, groups, *own, prompt, rejected)
-                pieces.append(_causal_attention(q_parts[rejected], k, v, scale))
+                k, v = _keys(k_parts, v_parts, *own, prompt, rejected)
+                pieces.append(_causal_attention(q_parts[rejected], k, v, scale, keep))
         if sizes[-1]:
             pieces.append(query.new_zeros(heads, sizes[-1], dim))
         outputs.append(torch.cat(pieces, dim=1))

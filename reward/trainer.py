@@ -130,6 +130,10 @@ class PackedPairCollator:
         }
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float)
+        if self.micro_batch_tokens is not None:
+            # Forwards capped by the budget: keep the attention scores for the backward rather than
+            # recompute them (measured 5% of a long-pair step; peak RSS 1.95 -> 2.44 GB there).
+            batch["keep_attention_scores"] = True
         return batch
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -102,3 +102,38 @@ def test_packing_runs_the_batch_prefix_once_per_row() -> None:
 def test_pack_pairs_rejects_mismatched_lists() -> None:
     with pytest.raises(ValueError, match="same positive number"):
         pack_pairs([torch.tensor([1])], [], [])
+
+
+@pytest.mark.parametrize("keep_scores", [False, True])  # recompute the scores in the backward / keep them
+def test_segment_attention_gradients_equal_full_row_mask(tiny_model: Path, keep_scores: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    def gradients(attention: str) -> dict[str, torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model, dtype=torch.float32, attn_implementation="eager" if attention == "eager" else "sdpa"
+        )
+        if attention == "segments":
+            use_segment_attention(model)
+        prompts, chosen, rejected = sequences()
+        packed = pack_pairs(prompts, chosen, rejected)
+        if attention == "segments":
+            hidden = model.model(
+                input_ids=packed.input_ids,
+                position_ids=packed.position_ids,
+                pair_segments=packed.segments,
+                keep_attention_scores=keep_scores,
+            ).last_hidden_state
+        else:
+            hidden = packed_hidden(model, packed, attention)
+        loss = sum(
+            completion_log_probs(model, hidden, packed.predictor_index(place, side), ids).sum()
+            for place, c, r in zip(packed.places, chosen, rejected, strict=True)
+            for side, ids in (("chosen", c), ("rejected", r))
+        )
+        loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    got, expected = gradients("segments"), gradients("eager")
+    assert got.keys() == expected.keys() and any("self_attn" in name for name in got)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, atol=1e-4, rtol=1e-4, msg=name)
