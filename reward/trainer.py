@@ -56,6 +56,7 @@ from alignment.runner import (
     callbacks,
     data_fingerprint,
     device_plan,
+    evaluates_during_training,
     lora_config,
     training_arguments,
     write_model_card,
@@ -268,12 +269,6 @@ def reward_model(config: RewardRunConfig) -> torch.nn.Module:
     use_segment_attention(model)
     add_packed_pair_scoring(model)
     return model
-
-
-def evaluates_during_training(config: RewardRunConfig) -> bool:
-    """Per-epoch (or per-N-steps) evaluation only where something reads it: early stopping, or asked for."""
-    t = config.training
-    return t.early_stopping_patience is not None or t.eval_steps is not None
 
 
 def build_reward_trainer(config: RewardRunConfig) -> PrefloopRewardTrainer:
