@@ -144,10 +144,11 @@ def pack_pairs(
     chosen: Sequence[torch.Tensor],
     rejected: Sequence[torch.Tensor],
     pad_id: int = 0,
-    row_tokens: int = ROW_TOKENS,
+    row_tokens: int | None = ROW_TOKENS,
     across_pairs: bool = True,
 ) -> PackedPairs:
-    """Pack B (prompt, chosen, rejected) token sequences (1-D tensors) into rows of about `row_tokens`.
+    """Pack B (prompt, chosen, rejected) token sequences (1-D tensors) into rows of about `row_tokens`
+    (None: all pairs in one row, no padding).
 
     `across_pairs=False`: one row per pair, [prompt | chosen | rejected]. A pair's numbers then do not
     depend on which pairs share its batch; packed together, bf16 sums over a row change with its
@@ -160,7 +161,7 @@ def pack_pairs(
     prefix = 0 if not across_pairs else common_prefix(prompts) if len(prompts) > 1 else len(prompts[0])
     sizes = [len(p) - prefix + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
     # As few rows as fit, filled evenly: every row is padded to the longest.
-    n_rows = -(-sum(sizes) // max(1, row_tokens - prefix))
+    n_rows = 1 if row_tokens is None else -(-sum(sizes) // max(1, row_tokens - prefix))
     target = sum(sizes) / n_rows
     places: list[PairPlace] = []
     row, used = 0, prefix

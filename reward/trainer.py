@@ -96,12 +96,6 @@ class RewardRunConfig(RunConfig):
     reward: RewardSettings = Field(default_factory=RewardSettings)
 
 
-# The trainer packs a batch into a single row: with per-sequence attention a wider row costs nothing
-# extra, while rows of ~256 tokens (`shared_prompt.ROW_TOKENS`) were padded to the longest pair, 40-45%
-# of a long-pair batch's tokens (every matmul ran over them; measured on the issue-14 long set).
-ONE_ROW = 1 << 62
-
-
 @dataclass
 class PackedPairCollator:
     """Pairs -> packed rows (`alignment.shared_prompt.pack_pairs`): shared prompt tokens once, then each side.
@@ -119,8 +113,11 @@ class PackedPairCollator:
 
     def pack(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         parts = [split_pair(ex["chosen_ids"], ex["rejected_ids"]) for ex in examples]
+        # One row for the batch: with per-sequence attention a wider row costs nothing extra, while
+        # rows of ~256 tokens (`shared_prompt.ROW_TOKENS`) were padded to the longest pair, 40-45% of a
+        # long-pair batch's tokens (every matmul ran over them; measured on the issue-14 long set).
         packed = pack_pairs(
-            *(list(p) for p in zip(*parts, strict=True)), pad_id=self.pad_token_id, row_tokens=ONE_ROW
+            *(list(p) for p in zip(*parts, strict=True)), pad_id=self.pad_token_id, row_tokens=None
         )
         batch = {
             "input_ids": packed.input_ids,
