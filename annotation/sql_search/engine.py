@@ -52,6 +52,7 @@ from .text_search import (
     POSTGRES_FTS_DDL,
     SQLITE_FTS_DDL,
     fts_bm25,
+    fts_hits,
     fts_match,
     fts_queue_query,
     query_words,
@@ -91,11 +92,10 @@ async def _fts_queue_search(
     count from its doclists and the page ranked and cut there, so only the page's records are read
     (at 50k records, 14k matches: 42 -> 18 ms CPU, see bench/README.md). bm25 ties go by rowid,
     which is insertion order."""
-    match = fts_match(fts_queue_query(words, dataset_id, statuses, user.id if user else None))
+    fts_query = fts_queue_query(words, dataset_id, statuses, user.id if user else None)
+    match = fts_match(fts_query)
     ranked = (
-        select(literal_column("rowid").label("rid"), (-fts_bm25()).label("score"))
-        .select_from(text(FTS_TABLE))
-        .where(match)
+        fts_hits(fts_query)
         .order_by(fts_bm25(), literal_column("rowid"))
         .offset(offset)
         .limit(limit)

@@ -13,7 +13,7 @@ from argilla_server.models import Record
 from argilla_server.search_engine.base import TextQuery
 from sqlalchemy import Text, and_, cast, func, literal_column, select, text, true
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import Subquery
+from sqlalchemy.sql.selectable import Select, Subquery
 
 from .clauses import pg_quote, sqlite_path
 from .database import dialect
@@ -118,6 +118,15 @@ def fts_match(fts_query: str) -> ColumnElement:
     return literal_column(FTS_TABLE).op("MATCH")(fts_query)
 
 
+def fts_hits(fts_query: str) -> Select:
+    """(rid, score) of the FTS rows matching `fts_query`; score = -bm25, higher is better."""
+    return (
+        select(literal_column("rowid").label("rid"), (-fts_bm25()).label("score"))
+        .select_from(text(FTS_TABLE))
+        .where(fts_match(fts_query))
+    )
+
+
 def fts_queue_query(
     words: list[str], dataset_id: UUID, statuses: list[str] | None, unanswered_by: UUID | None
 ) -> str:
@@ -141,12 +150,7 @@ def text_match(
     MATCH per row); the join already restricts the page to matches."""
     if dialect() == "sqlite":
         fts_query = _fts_words(words)
-        hits = (
-            select(literal_column("rowid").label("rid"), (-fts_bm25()).label("score"))
-            .select_from(text(FTS_TABLE))
-            .where(fts_match(fts_query))
-            .subquery()
-        )
+        hits = fts_hits(fts_query).subquery()
         rowid = literal_column("records.rowid")
         # the count needs only which rows match; bm25 (4x the cost of MATCH alone) only the page
         clause = rowid.in_(
