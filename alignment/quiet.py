@@ -123,10 +123,14 @@ def _quiet_tqdm(previous: TqdmHook | None) -> TqdmHook:
 _installed = False
 
 
+def _show_all() -> bool:
+    return os.environ.get(SHOW_ALL_ENV, "") not in ("", "0")
+
+
 def quiet_libraries() -> None:
     """Install the filters in this process (idempotent). Child `prefloop` processes install their own."""
     global _installed
-    if _installed or os.environ.get(SHOW_ALL_ENV, "") not in ("", "0"):
+    if _installed or _show_all():
         return
     _installed = True
     for category, message, module, _why in WARNING_FILTERS:
@@ -155,7 +159,7 @@ def new_head_expected(head_prefix: str = "score.") -> Iterator[None]:
     and the scorer loads that base before the adapter restores the trained head. Any other key in
     the report (unexpected, mismatched, a MISSING layer weight) still shows it whole.
     """
-    if os.environ.get(SHOW_ALL_ENV, "") not in ("", "0"):
+    if _show_all():
         yield
         return
     drop = DropNewHeadReport(head_prefix)

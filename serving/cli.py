@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from alignment import cli as alignment_cli
+from alignment.quiet import quiet_libraries
 from annotation import cli as annotation_cli
 from reward import cli as reward_cli
 from reward import curation as curation_cli
@@ -40,8 +41,6 @@ def main(
     ] = False,
 ) -> None:
     """prefloop: turn human judgement into better models."""
-    from alignment.quiet import quiet_libraries
-
     quiet_libraries()  # before any command imports peft, datasets or bitsandbytes
 
 
