@@ -222,3 +222,13 @@ def test_ppo_and_grpo_get_the_quickstarts_own_budget() -> None:
     dpo = load_quickstart_config()
     dpo_longer_ppo = load_quickstart_config(overrides=["ppo.training.max_steps=20"])
     assert fingerprints(dpo)["align"] == fingerprints(dpo_longer_ppo)["align"]
+
+
+def test_a_rubric_tie_is_still_a_pairwise_pick_of_the_more_concise_reply() -> None:
+    # CI once saw a DPO policy whose n=2 replies all tied on the rubric: no pairwise feedback at all
+    longer = GOOD.replace("from deep inside", "from very deep down inside")
+    assert score(RUBRIC, PROMPT, GOOD).total == score(RUBRIC, PROMPT, longer).total
+    pick = simulated_feedback(RUBRIC, PROMPT, [("c1", longer), ("c2", GOOD)], 0)
+    assert pick == [{"type": "pairwise", "chosen_id": "c2", "rejected_id": "c1"}]
+    same = simulated_feedback(RUBRIC, PROMPT, [("c1", GOOD), ("c2", GOOD)], 0)
+    assert [body["type"] for body in same] == ["thumbs"]

@@ -100,11 +100,16 @@ def simulated_feedback(rubric: Rubric, prompt: str, choices: list[tuple[str, str
     """Feedback bodies a rubric-following user posts for one request's choices (id, text)."""
     if len(choices) >= 2:
         (id_a, text_a), (id_b, text_b) = choices[:2]
-        diff = score(rubric, prompt, text_a).total - score(rubric, prompt, text_b).total
-        if abs(diff) > rubric.tie_tolerance:
+        score_a, score_b = score(rubric, prompt, text_a), score(rubric, prompt, text_b)
+        diff = score_a.total - score_b.total
+        if abs(diff) <= rubric.tie_tolerance:
+            # A pairwise UI makes the user pick; on a rubric tie they take the more concise reply.
+            # A well-aligned policy ties often, so without this a run could post no pairwise pick.
+            diff = score_b.words - score_a.words
+        if diff:
             chosen, rejected = (id_a, id_b) if diff > 0 else (id_b, id_a)
             return [{"type": "pairwise", "chosen_id": chosen, "rejected_id": rejected}]
-        choices = choices[:1]  # a tie says nothing pairwise: rate the first one instead
+        choices = choices[:1]  # same score and length says nothing pairwise: rate the first one instead
     cid, text = choices[0]
     s = score(rubric, prompt, text)
     if turn % 2 == 0:
