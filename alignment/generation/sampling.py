@@ -30,25 +30,34 @@ def sample(
     generator: torch.Generator | None = None,
     want_logprobs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Next token per row of `logits` [rows, vocab] (fp32); returns (tokens, log-probs or None)."""
+    """Next token per row of `logits` [rows, vocab] (bf16 or fp32; the arithmetic is fp32);
+    returns (tokens, log-probs or None)."""
     greedy = temperature == 0
     if bool(greedy.all()):  # eval/tests: skip the softmax and sort entirely
-        tokens = logits.argmax(-1)
+        tokens = logits.argmax(-1)  # the fp32 upcast is exact: same argmax
         logprobs = None
         if want_logprobs:
-            logprobs = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+            logprobs = logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
         return tokens, logprobs
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    # One pass for the fp32 upcast and the temperature (bitwise logits.float() / t).
+    scaled = torch.div(logits, torch.where(greedy, 1.0, temperature).float()[:, None])
     logp = scaled.log_softmax(-1)
-    tokens = torch.empty_like(greedy, dtype=torch.long)
     nucleus = (top_p < 1) & ~greedy
     full = ~nucleus & ~greedy
-    if bool(nucleus.any()):
-        tokens[nucleus] = _sample_nucleus(logp[nucleus], top_p[nucleus], generator)
-    if bool(full.any()):
-        tokens[full] = _race(logp[full], generator)
-    if bool(greedy.any()):
-        tokens[greedy] = logits[greedy].argmax(-1)
+    # A batch of one kind (every row top_p < 1, the usual case) skips the row gathers: each
+    # boolean index copies the rows' whole [vocab] slices (profiled, 1-2 ms a step at batch 16).
+    if bool(nucleus.all()):
+        tokens = _sample_nucleus(logp, top_p, generator)
+    elif bool(full.all()):
+        tokens = _race(logp, generator)
+    else:
+        tokens = torch.empty_like(greedy, dtype=torch.long)
+        if bool(nucleus.any()):
+            tokens[nucleus] = _sample_nucleus(logp[nucleus], top_p[nucleus], generator)
+        if bool(full.any()):
+            tokens[full] = _race(logp[full], generator)
+        if bool(greedy.any()):
+            tokens[greedy] = logits[greedy].argmax(-1)
     logprobs = logp.gather(1, tokens[:, None]).squeeze(1) if want_logprobs else None
     return tokens, logprobs
 
