@@ -55,7 +55,9 @@ from .text_search import (
     fts_hits,
     fts_match,
     fts_queue_query,
+    pg_queue_matches,
     query_words,
+    record_key,
     text_match,
 )
 
@@ -111,6 +113,41 @@ async def _fts_queue_search(
         rows = (await db.execute(page)).all() if offset < total else []
     return SearchResponses(
         items=[SearchResponseItem(record_id=rid, score=float(score)) for rid, score in rows], total=total
+    )
+
+
+async def _pg_queue_search(
+    dataset_id: UUID,
+    words: list[str],
+    user: User | None,
+    statuses: list[str] | None,
+    offset: int,
+    limit: int,
+) -> SearchResponses:
+    """The same query on PostgreSQL, answered from the narrow side table: the bitmap of the matches
+    visits its rows (5k blocks at 50k records, where the records table's were 8k, and the records
+    are never joined), the annotator's responses are hash-anti-joined, and the page is ranked, cut
+    and counted in one pass. Ties go by insertion time and id, as in the general path."""
+    matches = pg_queue_matches(words, dataset_id, statuses, user)
+    ranked = matches.offset(0).subquery()  # OFFSET 0: rank once, below the window and the sort
+    page = (
+        select(ranked.c.id, ranked.c.score, func.count().over())
+        .order_by(ranked.c.score.desc(), ranked.c.inserted_at, ranked.c.id)
+        .offset(offset)
+        .limit(limit)
+    )
+    async with AsyncSessionLocal() as db:
+        # A common word matches a quarter of the records or more, and the planner then prefers to
+        # test every row's tsvector (a seq scan: 35 ms at 50k records) over the GIN bitmap and its
+        # heap visits (11 ms, EXPLAIN ANALYZE): its cost model prices `@@` like a comparison.
+        await db.execute(text("SET LOCAL enable_seqscan = off"))
+        rows = (await db.execute(page)).all()
+        if rows:
+            total = rows[0][2]
+        else:  # past the last page the window has no row to say the total
+            total = await db.scalar(select(func.count()).select_from(matches.subquery())) or 0
+    return SearchResponses(
+        items=[SearchResponseItem(record_id=rid, score=float(score)) for rid, score, _ in rows], total=total
     )
 
 
@@ -214,9 +251,10 @@ class SQLSearchEngine(SearchEngine):
             words, field = query_words(query)
             if not words:
                 return SearchResponses(items=[], total=0)
-            queue = queue_filter(filter) if dialect() == "sqlite" and not sort and not field else None
+            queue = queue_filter(filter) if not sort and not field else None
             if queue is not None:
-                return await _fts_queue_search(dataset.id, words, *queue, offset=offset, limit=limit)
+                queue_search = _fts_queue_search if dialect() == "sqlite" else _pg_queue_search
+                return await queue_search(dataset.id, words, *queue, offset=offset, limit=limit)
             match, page_match, score, hits = text_match(words, field)
             text_where.append(match)
             text_page_where.append(page_match)
@@ -259,7 +297,7 @@ class SQLSearchEngine(SearchEngine):
                     *(k.label(f"key{i}") for i, (k, _) in enumerate(keys) if k is not None),
                 ).select_from(Record)
                 if hits is not None:
-                    matches = matches.join(hits, hits.c.rid == literal_column("records.rowid"))
+                    matches = matches.join(hits, hits.c.rid == record_key())
                 # OFFSET 0 keeps PostgreSQL from flattening the subquery back into one select
                 ranked = matches.where(*page_where).offset(0).subquery()
                 columns = [

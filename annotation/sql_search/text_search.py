@@ -1,7 +1,8 @@
-"""Text search over records' fields: SQLite FTS5 or a PostgreSQL tsvector column.
+"""Text search over records' fields: SQLite FTS5 or a PostgreSQL tsvector side table.
 
-SQLite keeps an FTS5 side table in sync by triggers, so it lives in the server's own write
-transactions; PostgreSQL stores the document as a generated, GIN-indexed tsvector column.
+Both keep a side table, `prefloop_records_text`, in sync by triggers, so it lives in the server's
+own write transactions: on SQLite an FTS5 table, on PostgreSQL a narrow table with a GIN-indexed
+tsvector column.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import re
 from uuid import UUID
 
-from argilla_server.models import Record
+from argilla_server.models import Record, Response, User
 from argilla_server.search_engine.base import TextQuery
-from sqlalchemy import Text, and_, cast, func, literal_column, select, text, true
+from sqlalchemy import Text, and_, cast, column, exists, func, literal_column, not_, select, table, text, true
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select, Subquery
 
@@ -86,16 +87,62 @@ def pg_document(value: str, members: str) -> str:
     return f"jsonb_to_tsvector('simple'::regconfig, {strings} || {contents}, '[\"string\"]'::jsonb)"
 
 
-# PostgreSQL: the whole-record document as a stored generated column with a GIN index. Ranking
-# reads the stored tsvector; an expression index alone finds the rows but ts_rank would rebuild
-# the document from the JSON of every match (measured at 50k records: ~800 ms of a text query).
-PG_TSV_COLUMN = "prefloop_tsv"
+# PostgreSQL: a narrow side table of the same name, one row per record: the record's document as a
+# GIN-indexed tsvector beside what the annotator's queue filters and sorts on (dataset, status,
+# insertion time). A text query's bitmap then visits this table's blocks, not the wide records
+# rows (fields, metadata), and the queue's page is ranked, counted and cut here; only the page's
+# records are read afterwards. Triggers keep it in the server's own write transactions, like SQLite's.
+# (Earlier versions stored the document as a generated column on records; see the DDL below.)
+PG_TEXT_DOCUMENT = pg_document("CAST({row}.fields AS JSONB)", "$.*")
+_PG_TEXT_WRITE = f"""INSERT INTO {FTS_TABLE} (record_id, dataset_id, status, inserted_at, document)
+    VALUES (NEW.id, NEW.dataset_id, NEW.status, NEW.inserted_at, {PG_TEXT_DOCUMENT.format(row="NEW")})
+    ON CONFLICT (record_id) DO UPDATE SET dataset_id = EXCLUDED.dataset_id, status = EXCLUDED.status,
+        inserted_at = EXCLUDED.inserted_at, document = EXCLUDED.document"""
+_PG_OLD_COLUMN = "prefloop_tsv"  # earlier versions: a generated column on records, GIN-indexed
 POSTGRES_FTS_DDL = [
-    f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {PG_TSV_COLUMN} tsvector"
-    f" GENERATED ALWAYS AS ({pg_document('CAST(fields AS JSONB)', '$.*')}) STORED",
-    f"CREATE INDEX IF NOT EXISTS ix_prefloop_records_fts_tsv ON records USING gin ({PG_TSV_COLUMN})",
+    # the server's workers start together: one of them at a time runs this DDL
+    f"SELECT pg_advisory_xact_lock(hashtext('{FTS_TABLE}'))",
+    f"""CREATE TABLE IF NOT EXISTS {FTS_TABLE} (
+        record_id uuid PRIMARY KEY REFERENCES records (id) ON DELETE CASCADE,
+        dataset_id uuid NOT NULL,
+        status record_status_enum NOT NULL,
+        inserted_at timestamp NOT NULL,
+        document tsvector NOT NULL)""",
+    f"""CREATE OR REPLACE FUNCTION {FTS_TABLE}_write() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN {_PG_TEXT_WRITE}; RETURN NULL; END $$""",
+    f"""CREATE OR REPLACE TRIGGER {FTS_TABLE}_ai AFTER INSERT ON records
+        FOR EACH ROW EXECUTE FUNCTION {FTS_TABLE}_write()""",
+    # the server rewrites a record's status after each response, mostly to the same value
+    f"""CREATE OR REPLACE TRIGGER {FTS_TABLE}_au AFTER UPDATE OF fields, status, dataset_id, inserted_at
+        ON records FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
+            OR OLD.dataset_id IS DISTINCT FROM NEW.dataset_id OR OLD.inserted_at IS DISTINCT FROM NEW.inserted_at
+            OR CAST(OLD.fields AS JSONB) IS DISTINCT FROM CAST(NEW.fields AS JSONB))
+        EXECUTE FUNCTION {FTS_TABLE}_write()""",
+    # records written before the table existed (a database made by an earlier version; deletes
+    # follow the foreign key), then statistics for the planner if that added rows, as autovacuum
+    # would a minute later
+    f"""DO $$ DECLARE added bigint; BEGIN
+        INSERT INTO {FTS_TABLE} (record_id, dataset_id, status, inserted_at, document)
+        SELECT r.id, r.dataset_id, r.status, r.inserted_at, {PG_TEXT_DOCUMENT.format(row="r")} FROM records r
+        WHERE NOT EXISTS (SELECT 1 FROM {FTS_TABLE} t WHERE t.record_id = r.id)
+        ON CONFLICT (record_id) DO NOTHING;
+        GET DIAGNOSTICS added = ROW_COUNT;
+        IF added > 0 THEN ANALYZE {FTS_TABLE}; END IF; END $$""",
+    # after the backfill: one bulk build is faster and more compact than 50k inserts into the index
+    f"CREATE INDEX IF NOT EXISTS ix_{FTS_TABLE}_document ON {FTS_TABLE} USING gin (document)",
+    # the earlier generated column and its index (derived from `fields`, so nothing is lost)
+    f"ALTER TABLE records DROP COLUMN IF EXISTS {_PG_OLD_COLUMN}",
     "DROP INDEX IF EXISTS ix_prefloop_records_fts",  # the expression index of earlier versions
 ]
+# the side table as SQLAlchemy sees it (PostgreSQL)
+pg_text = table(
+    FTS_TABLE,
+    column("record_id", Record.id.type),
+    column("dataset_id", Record.dataset_id.type),
+    column("status", Record.status.type),
+    column("inserted_at", Record.inserted_at.type),
+    column("document"),
+)
 
 
 def query_words(query: TextQuery | str) -> tuple[list[str], str | None]:
@@ -141,13 +188,43 @@ def fts_queue_query(
     return fts_query
 
 
+def record_key() -> ColumnElement:
+    """The records column a text hit's `rid` joins to."""
+    return literal_column("records.rowid") if dialect() == "sqlite" else Record.id
+
+
+def pg_tsquery(words: list[str]) -> ColumnElement:
+    return func.plainto_tsquery(literal_column("'simple'::regconfig"), " ".join(words))
+
+
+def pg_queue_matches(
+    words: list[str], dataset_id: UUID, statuses: list[str] | None, unanswered_by: User | None
+) -> Select:
+    """(id, score, inserted_at) of a dataset's records matching `words` (with one of `statuses`;
+    that `unanswered_by` has not responded to), from the side table alone: PostgreSQL's bitmap of
+    the matches then visits its narrow rows, never the records table."""
+    tsquery = pg_tsquery(words)
+    where = [pg_text.c.dataset_id == dataset_id, pg_text.c.document.op("@@")(tsquery)]
+    if statuses is not None:
+        where.append(pg_text.c.status.in_(statuses))
+    if unanswered_by is not None:
+        mine = select(literal_column("1")).where(
+            Response.record_id == pg_text.c.record_id, Response.user_id == unanswered_by.id
+        )
+        where.append(not_(exists(mine)))
+    score = func.ts_rank(pg_text.c.document, tsquery)
+    return select(
+        pg_text.c.record_id.label("id"), score.label("score"), pg_text.c.inserted_at.label("inserted_at")
+    ).where(*where)
+
+
 def text_match(
     words: list[str], field: str | None
 ) -> tuple[ColumnElement, ColumnElement, ColumnElement, Subquery | None]:
-    """(where clause, where clause once the hits are joined, relevance score, FTS hits to join for
-    that score) for an AND of `words`, optionally within one field. SQLite's bm25 only exists inside
-    the FTS query, so its score comes from joining the hits once (a correlated lookup would re-run
-    MATCH per row); the join already restricts the page to matches."""
+    """(where clause, where clause once the hits are joined, relevance score, text hits to join on
+    `record_key()` for that score) for an AND of `words`, optionally within one field. SQLite's
+    bm25 only exists inside the FTS query, so its score comes from joining the hits once (a
+    correlated lookup would re-run MATCH per row); the join already restricts the page to matches."""
     if dialect() == "sqlite":
         fts_query = _fts_words(words)
         hits = fts_hits(fts_query).subquery()
@@ -161,9 +238,17 @@ def text_match(
             field_text = func.lower(cast(func.json_extract(Record.fields, sqlite_path([field])), Text))
             in_field = and_(true(), *(field_text.contains(w) for w in words))
         return and_(clause, in_field), in_field, hits.c.score, hits
-    document = literal_column(f"records.{PG_TSV_COLUMN}")
+    tsquery = pg_tsquery(words)
+    match = pg_text.c.document.op("@@")(tsquery)
+    clause = Record.id.in_(select(pg_text.c.record_id).where(match))
     if field:  # field names are validated by the server against the dataset's fields
+        # the whole document narrows to candidates; the field's own document decides and ranks
         document = literal_column(pg_document(f"(CAST(records.fields AS JSONB) -> {pg_quote(field)})", "$"))
-    tsquery = func.plainto_tsquery(literal_column("'simple'::regconfig"), " ".join(words))
-    match = document.op("@@")(tsquery)
-    return match, match, func.ts_rank(document, tsquery), None
+        in_field = and_(clause, document.op("@@")(tsquery))
+        return in_field, in_field, func.ts_rank(document, tsquery), None
+    hits = (
+        select(pg_text.c.record_id.label("rid"), func.ts_rank(pg_text.c.document, tsquery).label("score"))
+        .where(match)
+        .subquery()
+    )
+    return clause, true(), hits.c.score, hits
