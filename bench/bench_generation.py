@@ -8,8 +8,13 @@ Rows, each `--batch` prompts x `--new-tokens` tokens (EOS ignored, so every row 
 length), timed alternately so both sides see the same machine load:
 
 - hf: today's path, `PeftModel.generate` (top_p 0.9, temperature 0.8);
-- engine: `alignment.generation.Engine`, per-row LoRA on the shared base weights;
-- engine-merged: the same engine with the adapter merged into a bf16 copy (PPO rollouts);
+- engine: `alignment.generation.Engine` as the server runs it, every row naming the adapter:
+  a batch with one adapter for every row decodes on the engine's cached merged bf16 copy of
+  the weights (built once per adapter, outside the timing; `Engine(merged_copies=...)`);
+- engine-perrow: the same engine with that cache off (`merged_copies=0`): per-row LoRA on the
+  shared base weights (the fused layout that mixed-adapter batches use);
+- engine-merged: the same engine after `merge("a0")` (PPO rollouts, push, eval; the same
+  merged copy, the rows then carry no adapter);
 - hf-mixed / engine-mixed: rows split over two adapters and the base model (the server's case;
   HF via PEFT's `adapter_names`).
 
@@ -141,8 +146,24 @@ def main() -> None:
     params = SamplingParams(
         temperature=0.8, top_p=0.9, max_tokens=args.new_tokens, ignore_eos=True, logprobs=True
     )
+    # One engine for every engine row (a second would pack the weights again: +270 MB RSS).
     engine = Engine(model, tokenizer, max_batch_size=args.batch)
-    merged = Engine(model, tokenizer, max_batch_size=args.batch, merge_adapter="a0")
+    copies = engine.merged_copies
+
+    def per_row():  # type: ignore[no-untyped-def]
+        engine.merged_copies = 0
+        try:
+            return engine.generate(prompts, params, "a0", generator=gen)
+        finally:
+            engine.merged_copies = copies
+
+    def merged():  # type: ignore[no-untyped-def]
+        engine.merge("a0")  # a cache hit after the warm-up: no work
+        try:
+            return engine.generate(prompts, params, "a0", generator=gen)
+        finally:
+            engine.merge(None)
+
     mixed = [("a0", "a1", None)[i % 3] for i in range(args.batch)]
     mixed_hf = [name or "__base__" for name in mixed]
     gen = torch.Generator(device=plan.device).manual_seed(0)
@@ -150,7 +171,8 @@ def main() -> None:
     runs = {
         "hf": lambda: hf_generate(model, tokenizer, prompts, args.new_tokens),
         "engine": lambda: engine.generate(prompts, params, "a0", generator=gen),
-        "engine-merged": lambda: merged.generate(prompts, params, "a0", generator=gen),
+        "engine-perrow": per_row,
+        "engine-merged": merged,
     }
     if not args.no_mixed:
         runs["hf-mixed"] = lambda: hf_generate(model, tokenizer, prompts, args.new_tokens, mixed_hf)
@@ -158,8 +180,20 @@ def main() -> None:
     # Warm-up (first-call allocations, oneDNN kernel selection) at a short length.
     short = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=4, ignore_eos=True)
     hf_generate(model, tokenizer, prompts, 4)
+    build_start = time.process_time()
+    engine.generate(prompts, short, "a0")  # builds the merged copy of a0
+    build_cpu_s = time.process_time() - build_start
+    merged_copy = engine._merged_cache["a0"][1]
+    copy_bytes = sum(
+        t.numel() * t.element_size()
+        for new, old in zip(merged_copy.layers, engine.base_weights.layers, strict=True)
+        for g in new.proj
+        for t in {id(x): x for x in (new.proj[g], (new.packed or {}).get(g)) if x is not None}.values()
+        if t is not old.proj[g]
+    )
+    engine.merged_copies = 0
     engine.generate(prompts, short, "a0")
-    merged.generate(prompts, short, "a0")
+    engine.merged_copies = copies
     if not args.no_mixed:  # builds the engine's fused mixed-adapter weights (once per adapter set)
         engine.generate(prompts, short, mixed)
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -213,7 +247,7 @@ def main() -> None:
     d = torch.cat(diffs)
     figures["hf"]["logprob_drift_max"] = round(float(d.max()), 4)  # type: ignore[index]
     figures["hf"]["logprob_drift_mean"] = round(float(d.mean()), 5)  # type: ignore[index]
-    for name in ("engine", "engine-merged"):
+    for name in ("engine", "engine-perrow", "engine-merged"):
         diffs = []
         for seq in outputs[name][:4]:  # type: ignore[index]
             ref = hf_logprobs(model, seq.prompt_ids, seq.tokens, params.temperature)
@@ -222,6 +256,8 @@ def main() -> None:
         figures[name]["logprob_drift_max"] = round(float(d.max()), 4)
         figures[name]["logprob_drift_mean"] = round(float(d.mean()), 5)
     figures["kv_cache_mib"] = round(engine.cache.nbytes() / 2**20, 1)
+    figures["merged_copy_mib"] = round(copy_bytes / 2**20, 1)
+    figures["merged_copy_build_cpu_s"] = round(build_cpu_s, 2)  # with a 4-token generate
     figures["peak_rss_mib"] = round(peak_rss_mib(), 0)
     if plan.device.type == "cuda":
         figures["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 0)
@@ -243,9 +279,17 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        def per_row_profile():  # type: ignore[no-untyped-def]
+            engine.merged_copies = 0
+            try:
+                return engine.generate(prompts, SamplingParams(0.8, 0.9, 17, ignore_eos=True), "a0")
+            finally:
+                engine.merged_copies = copies
+
         for name, run in (
             ("hf", lambda: hf_generate(model, tokenizer, prompts, 17)),
             ("engine", lambda: engine.generate(prompts, SamplingParams(0.8, 0.9, 17, ignore_eos=True), "a0")),
+            ("engine-perrow", lambda: per_row_profile()),
         ):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run()

@@ -228,6 +228,47 @@ def test_merged_adapter_samples_like_the_unmerged_one(tiny, lora_dirs) -> None: 
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
+def test_single_adapter_batches_decode_on_a_cached_merged_copy(tiny, lora_dirs) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = tiny
+    cached, per_row = Engine(model, tokenizer), Engine(model, tokenizer, merged_copies=0)
+    for engine in (cached, per_row):
+        engine.load_adapter("a2", lora_dirs["a2"])
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=True)
+    fast = cached.generate(prompts(tokenizer), params, "a2")
+    assert list(cached._merged_cache) == ["a2"]  # the batch really ran on the merged copy
+    slow = per_row.generate(prompts(tokenizer), params, "a2")
+    assert not per_row._merged_cache
+    base = per_row.generate(prompts(tokenizer), params)
+    assert [s.tokens for s in base] != [s.tokens for s in slow]  # the adapter changes the answers
+    for a, b in zip(fast, slow, strict=True):
+        assert a.tokens == b.tokens
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+    # A mixed batch keeps the per-row path: same answers as each row alone.
+    mixed = cached.generate(prompts(tokenizer), params, ["a2", None, "a2", None])
+    for seq, alone in zip(mixed, [fast[0], base[1], fast[2], base[3]], strict=True):
+        assert seq.tokens == alone.tokens
+
+
+def test_merged_copies_are_dropped_when_an_adapter_is_replaced_or_removed(tiny, lora_dirs) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, merged_copies=1)
+    reference = Engine(model, tokenizer, merged_copies=0)
+    for name, path in lora_dirs.items():
+        reference.load_adapter(name, path)
+    expected = {n: [s.tokens for s in reference.generate(prompts(tokenizer), GREEDY, n)] for n in lora_dirs}
+    assert expected["a1"] != expected["a2"]
+    engine.load_adapter("x", lora_dirs["a1"])
+    assert [s.tokens for s in engine.generate(prompts(tokenizer), GREEDY, "x")] == expected["a1"]
+    engine.load_adapter("x", lora_dirs["a2"])  # replaced under the same name (a hot swap)
+    assert "x" not in engine._merged_cache
+    assert [s.tokens for s in engine.generate(prompts(tokenizer), GREEDY, "x")] == expected["a2"]
+    engine.load_adapter("y", lora_dirs["a1"])
+    assert [s.tokens for s in engine.generate(prompts(tokenizer), GREEDY, "y")] == expected["a1"]
+    assert list(engine._merged_cache) == ["y"]  # merged_copies=1: the least recent one went
+    engine.remove_adapter("y")
+    assert not engine._merged_cache
+
+
 def test_unsupported_adapters_and_models_get_clear_errors(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     model, tokenizer = tiny
     engine = Engine(model, tokenizer)
