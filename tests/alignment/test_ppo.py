@@ -548,3 +548,56 @@ def test_bf16_adapters_step_fp32_masters_and_resume_them(
         assert torch.equal(master, want)
         assert torch.equal(param, want.to(torch.bfloat16))
     assert all(p.grad is None for p in lora)  # cleared after each step
+
+
+def test_update_pass_gradients_equal_the_padded_peft_path(
+    eos_model: Path, prompt_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update's forward + backward (packed rows, LoRA as one addmm, attention scores kept for the
+    backward) gives the gradients of PEFT's own LoRA forward over padded rows with eager attention (fp32)."""
+    import alignment.shared_prompt
+    from alignment.models import load_tokenizer
+    from alignment.rl.experience import generate_rollouts
+    from alignment.rl.models import critic_values, forward_policy
+
+    overrides = ppo_overrides(eos_model, prompt_file, tmp_path / "run", "ppo.critic=separate")
+    trainer, prompts, prompt_ids = build_ppo_trainer(
+        load_config(PPORunConfig, None, overrides), short_response_reward(load_tokenizer(eos_model))
+    )
+    models = (trainer.policy, trainer.critic.trunk)
+    assert all(any(hasattr(m, "_peft_forward") for m in model.modules()) for model in models)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B != 0 and a live value head, so every LoRA weight gets a gradient
+        for param in [*trainer.policy.parameters(), *trainer.critic.parameters()]:
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    ids_in = [p + p[-3:] * (i % 3) for i, p in enumerate(prompt_ids[:8])]
+    rollout = generate_rollouts(
+        trainer.policy, trainer.tokenizer, ids_in, prompts[:8], trainer.ppo.generation
+    )
+    ids, mask, T = rollout.input_ids, rollout.attention_mask, rollout.response_ids.shape[1]
+    response = rollout.response_mask.bool()
+    weights = torch.randn(response.shape, generator=generator)
+    params = [p for model in (trainer.policy, trainer.critic) for p in model.parameters() if p.requires_grad]
+
+    def gradients(logprobs: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
+        loss = (logprobs * weights)[response].sum() + (values * weights)[response].square().sum()
+        grads = torch.autograd.grad(loss, params)
+        assert all(g.abs().sum() > 0 for g in grads)
+        return list(grads)
+
+    def no_recompute(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the update pass recomputed attention scores")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(alignment.shared_prompt, "checkpoint", no_recompute)
+        logprobs, _, _ = forward_policy(trainer.policy, ids, mask, T, 0.7)
+        got = gradients(logprobs, critic_values(trainer.critic, ids, mask, T))
+    for model in models:  # back to PEFT's forward and eager attention over the padded rows
+        for module in model.modules():
+            if hasattr(module, "_peft_forward"):
+                del module.forward, module._peft_forward
+        model.get_base_model().set_attn_implementation("eager")
+    want = gradients(*padded_logprobs_and_values(trainer, ids, mask, T, 0.7))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-3)
