@@ -3,7 +3,9 @@ profiles, the prompt split and the all-or-nothing stage outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +234,47 @@ def test_a_rubric_tie_is_still_a_pairwise_pick_of_the_more_concise_reply() -> No
     assert pick == [{"type": "pairwise", "chosen_id": "c2", "rejected_id": "c1"}]
     same = simulated_feedback(RUBRIC, PROMPT, [("c1", GOOD), ("c2", GOOD)], 0)
     assert [body["type"] for body in same] == ["thumbs"]
+
+
+def test_rerunning_a_stage_marks_later_ones_stale_until_they_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runner itself with stage bodies that only record that they ran: `--stages align,eval` once
+    # presented the previous run's report (another algorithm's win rate) as this run's result.
+    from rich.console import Console
+
+    from serving.quickstart import runner
+
+    ran: list[str] = []
+    missing: set[str] = set()  # stages whose outputs were deleted
+
+    def fake(stage: runner.Stage) -> runner.Stage:
+        def run(ctx: object) -> dict[str, str]:
+            ran.append(stage.name)
+            missing.discard(stage.name)
+            return {"ran": stage.name}
+
+        return dataclasses.replace(stage, run=run, valid=lambda ctx: stage.name not in missing)
+
+    monkeypatch.setattr(runner, "STAGES", tuple(fake(s) for s in runner.STAGES))
+    config = load_quickstart_config(None, "default", [f"output_dir={tmp_path}"])
+    console = Console(record=True, width=200)
+    runner.run_quickstart(config, console=console)
+    assert ran == list(runner.STAGE_NAMES)
+
+    ran.clear()
+    missing.add("align")  # same settings, new outputs: what follows is out of date all the same
+    state = runner.run_quickstart(config, ["align", "eval"], console=console)
+    assert ran == ["align", "eval"]
+    assert state["stages"]["serve"]["stale"] and state["stages"]["report"]["stale"]
+    assert state["this_run"] == {"align": "ran", "eval": "ran"}
+    assert "--stages serve,report" in console.export_text()
+
+    ran.clear()
+    missing.add("align")
+    runner.run_quickstart(config, ["align"], console=console)
+    with pytest.raises(runner.QuickstartError, match="'eval'"):
+        runner.run_quickstart(config, ["serve"], console=console)  # it needs eval, now stale
+    state = runner.run_quickstart(config, console=console)  # unchanged fingerprints, yet they rerun
+    assert ran == ["align", "eval", "serve", "report"]
+    assert not any(record.get("stale") for record in state["stages"].values())

@@ -58,8 +58,9 @@ def quickstart(
         except KeyboardInterrupt:
             console.print("[yellow]stopped; run the same command again to continue[/]")
             raise typer.Exit(130) from None
-    report = state["stages"].get("report", {}).get("summary", {})
-    if report:
+    record = state["stages"].get("report", {})
+    report = record.get("summary", {})
+    if report and not record.get("stale"):  # a stale report describes an earlier run's models
         from rich.markdown import Markdown
 
         console.print(Markdown(Path(report["markdown"]).read_text()))

@@ -164,7 +164,11 @@ def run_quickstart(
         for stage in STAGES:
             record = state["stages"].get(stage.name, {})
             upstream_rerun = any(n in rerun for n in stage.needs)
-            current = record.get("fingerprint") == prints[stage.name] and not upstream_rerun
+            current = (
+                record.get("fingerprint") == prints[stage.name]
+                and not upstream_rerun
+                and not record.get("stale")
+            )
             if stage.name not in wanted:
                 if any(stage.name in _needs(w) for w in wanted) and not (current and stage.valid(ctx)):
                     raise QuickstartError(
@@ -201,8 +205,17 @@ def run_quickstart(
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             rerun.add(stage.name)
+            # Outputs built on the old ones are out of date even when their settings are not: a later
+            # run must redo them, and this run must not present them as its result.
+            for later in STAGES:
+                downstream = stage.name in _needs(later.name) and later.name not in wanted
+                if downstream and later.name in state["stages"]:
+                    state["stages"][later.name]["stale"] = True
             write_json(state_path, state)
             console.print(f"[green]{stage.name} done in {wall:.1f} s[/]")
+    state["this_run"] = {
+        name: ("ran" if name in rerun else "skipped (valid)") for name in STAGE_NAMES if name in wanted
+    }
     state["total_wall_s"] = round(time.monotonic() - total_start, 1)
     write_json(state_path, state)
     print_times(state, console)
@@ -227,10 +240,22 @@ def print_times(state: dict[str, Any], console: Console) -> None:
     table.add_column("stage")
     table.add_column("wall time", justify="right")
     table.add_column("this run")
+    this_run = state.get("this_run", {})
     for name in STAGE_NAMES:
         record = state["stages"].get(name)
         if record:
-            ran = "skipped (valid)" if record.get("skipped") else "ran"
-            table.add_row(name, f"{record.get('wall_s', 0):.1f} s", ran)
+            if name in this_run:
+                status = this_run[name]
+            elif record.get("stale"):
+                status = "[yellow]out of date: an earlier stage ran again[/]"
+            else:
+                status = "not asked for (earlier run)"
+            table.add_row(name, f"{record.get('wall_s', 0):.1f} s", status)
     console.print(table)
     console.print(f"total this run: {state.get('total_wall_s', 0):.1f} s")
+    stale = [name for name in STAGE_NAMES if state["stages"].get(name, {}).get("stale")]
+    if stale:
+        console.print(
+            f"[yellow]{', '.join(stale)} predate this run's outputs; refresh them with "
+            f"--stages {','.join(stale)}[/]"
+        )
