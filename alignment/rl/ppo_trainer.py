@@ -95,15 +95,18 @@ class PPOTrainer:
         policy_params = [p for p in policy.parameters() if p.requires_grad]
         if critic.shared:
             policy_params += list(critic.head.parameters())
+        # PyTorch's fused AdamW where it has one (CPU, CUDA); CPU's default is a Python loop over the
+        # ~420 LoRA tensors: 30 -> 22 ms per optimizer step with the fp32 masters (8 steps a PPO step).
+        fused = self.device.type in ("cpu", "cuda") or None
         self.optimizer = torch.optim.AdamW(
-            policy_params, lr=t.learning_rate, weight_decay=t.weight_decay, eps=1e-5
+            policy_params, lr=t.learning_rate, weight_decay=t.weight_decay, eps=1e-5, fused=fused
         )
         self.critic_optimizer = None
         if not critic.shared:
             critic_params = [p for p in critic.parameters() if p.requires_grad]
             lr = self.ppo.critic_learning_rate or t.learning_rate
             self.critic_optimizer = torch.optim.AdamW(
-                critic_params, lr=lr, weight_decay=t.weight_decay, eps=1e-5
+                critic_params, lr=lr, weight_decay=t.weight_decay, eps=1e-5, fused=fused
             )
         self.schedulers = [self._lr_schedule(opt, total_steps) for opt in self.optimizers]
         # bf16 trainable weights (`adapters_in_model_dtype`) are stepped as fp32 masters, so updates
