@@ -18,6 +18,7 @@ so both see the same data from the same weights and their statistics should agre
 `--profile` adds a torch.profiler table (by op) of one step of each.
 
     python bench/bench_ppo.py --threads 1 --steps 2
+    python bench/bench_ppo.py --threads 1 --steps 1 --only-now   # this checkout alone, for iterating
 """
 
 from __future__ import annotations
@@ -194,6 +195,19 @@ def finish(*workers: tuple[subprocess.Popen, Path]) -> list[dict[str, Any]]:
     return results
 
 
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Median CPU-s, wall and per-phase CPU-s of the timed steps, and the peak RSS."""
+    timed = [s for s in result["steps"] if not s["warmup"]]
+    phases = {p: median([s["phases_cpu_s"].get(p, 0.0) for s in timed]) for p in timed[0]["phases_cpu_s"]}
+    phases["policy_update"] = phases.get("update", 0.0) - phases.get("critic_update", 0.0)
+    return {
+        "cpu_s": median([s["cpu_s"] for s in timed]),
+        "wall_s": median([s["wall_s"] for s in timed]),
+        "phases_cpu_s": phases,
+        "peak_rss_mib": result["peak_rss_mib"],
+    }
+
+
 def median(values: list[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
@@ -215,6 +229,11 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument(
         "--sequential", action="store_true", help="run the contenders one after the other (less memory)"
+    )
+    parser.add_argument(
+        "--only-now",
+        action="store_true",
+        help="time this checkout only (quick iteration; no ratio, no losses)",
     )
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for both contenders")
     # worker mode (internal)
@@ -250,6 +269,10 @@ def main() -> None:
         now_w = start_worker(
             "now", ROOT, tmp / "now.json", args, *timing, "--save-rollouts", str(tmp / "rollouts.pt"), *sets
         )
+        if args.only_now:
+            (now,) = finish(now_w)
+            print(f"load after: {uptime()}\n{json.dumps(summary(now), indent=2)}")
+            return
         if not args.sequential:
             before_w = start_worker("before", base, tmp / "before.json", args, *timing, *old, *sets)
             now, before = finish(now_w, before_w)
