@@ -184,7 +184,7 @@ def pack_rollouts(
     empty = [input_ids.new_zeros(0)] * len(prompts)
     # Responses in the "chosen" slot; no "rejected" side. One row (`row_tokens=None`): attention runs
     # per sequence, so a wide row costs nothing, while ~256-token rows repeated the shared prefix in
-    # every row and padded each to the longest (update epoch 16.4 -> 13.9 CPU-s with this alone).
+    # every row and padded each to the longest (update phase 16.4 -> 14.0 CPU-s with this alone).
     packed = pack_pairs(prompts, responses, empty, pad_id=0, row_tokens=None)
     predictor, rows, cols = [], [], []
     for b, place in enumerate(packed.places):
@@ -221,7 +221,7 @@ def packed_hidden(model: nn.Module, rollouts: PackedRollouts) -> torch.Tensor:
         position_ids=packed.position_ids,
         pair_segments=packed.segments,
         # Each sequence's scores are (heads, ~140, ~140): small, so the update's backward keeps them
-        # rather than recomputing them (policy + critic update 13.9 -> 12.6 CPU-s measured).
+        # rather than recomputing them (update phase 14.0 -> 12.6 CPU-s; bench/README.md).
         keep_attention_scores=torch.is_grad_enabled(),
         use_cache=False,
     ).last_hidden_state
