@@ -20,6 +20,12 @@ from reward.judge import JudgeSettings
 class BatchingSettings(StrictModel):
     max_batch_size: int = Field(16, ge=1, description="Most rows (requests x n) in one generate call.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long the first request waits for others to join.")
+    merged_copies: int = Field(
+        2,
+        ge=0,
+        description="Adapters kept merged into a bf16 copy of the weights for batches that use only that "
+        "adapter (one copy is the model's size; 0 = always the per-row LoRA path).",
+    )
 
 
 class LimitSettings(StrictModel):

@@ -137,6 +137,7 @@ class GenerationEngine:
         max_wait_ms: float = 5.0,
         served_name: str | None = None,
         threads: int | None = None,
+        merged_copies: int = 2,
     ):
         self.threads = threads
         self.plan = plan or plan_device()
@@ -144,7 +145,9 @@ class GenerationEngine:
         self.tokenizer = load_tokenizer(model)
         self.model: Any = load_causal_lm(model, self.plan).eval()
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
-        self.engine = Engine(self.model, self.tokenizer, max_batch_size=max_batch_size)
+        self.engine = Engine(
+            self.model, self.tokenizer, max_batch_size=max_batch_size, merged_copies=merged_copies
+        )
         self.eos_ids = self.engine.eos_ids
         self.adapters: dict[str, Path] = {}  # loaded adapter name -> path
         self.aliases: dict[str, str] = {CURRENT_ALIAS: BASE_ADAPTER}

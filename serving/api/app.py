@@ -60,5 +60,6 @@ def build_app(settings: ServeConfig) -> FastAPI:
         max_wait_ms=settings.batching.max_wait_ms,
         served_name=settings.served_name,
         threads=settings.threads,
+        merged_copies=settings.batching.merged_copies,
     )
     return create_app(settings, engine, fs.FeedbackStore(settings.store_url))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import torch
 
 from alignment.devices import plan_device
@@ -129,3 +130,16 @@ def test_hot_swap_under_load_fails_no_request_and_unloads_the_old_adapter(tiny_m
         assert eventually(lambda: "v2" not in engine.adapters) and "v2" not in engine.model_names()
     finally:
         engine.close()
+
+
+def test_the_serve_config_sets_how_many_merged_adapter_copies_the_engine_keeps(tiny_model: Path) -> None:
+    import pydantic
+
+    from serving.config import BatchingSettings
+
+    with pytest.raises(pydantic.ValidationError, match="merged_copies"):
+        BatchingSettings(merged_copies=-1)
+    engine = GenerationEngine(
+        str(tiny_model), plan_device("fp32"), served_name="tiny-random", threads=1, merged_copies=0
+    )
+    assert engine.engine.merged_copies == 0
