@@ -50,6 +50,14 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     n: int = 1
+    seed: int | None = None  # best effort, as in OpenAI's API: same seed, model and request, same choices
+
+    def choice_seed(self, index: int) -> int | None:
+        """Choice 0 samples from `seed` itself (so n=1 and the first of n=2 agree), the others from
+        seeds spread by the golden-ratio constant."""
+        if self.seed is None:
+            return None
+        return (self.seed + index * 0x9E3779B97F4A7C15) % 2**64
 
 
 @dataclass
@@ -309,11 +317,12 @@ class GenerationEngine:
                 continue
             assert isinstance(item, Job)
             adapter = None if item.adapter == BASE_ADAPTER else item.adapter
-            params = RowParams(
-                item.params.temperature, item.params.top_p, item.params.max_tokens, item.params.stop
-            )
+            p = item.params
             with self._model_lock:
-                for index in range(item.params.n):
+                for index in range(p.n):
+                    params = RowParams(
+                        p.temperature, p.top_p, p.max_tokens, p.stop, seed=p.choice_seed(index)
+                    )
                     seq = self.engine.add(item.prompt_ids, params, adapter)
                     self._rows[seq.id] = _Row(item, index, seq)
 

@@ -41,6 +41,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop sequences (need the engine's tokenizer)
     logprobs: bool = False  # keep the log-prob of each sampled token
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    seed: int | None = None  # this row samples from its own generator: same seed, same answer
 
 
 @dataclass
@@ -60,6 +61,11 @@ class Sequence:
     # tokens, not O(length); text grows only once it no longer ends in a partial UTF-8 character.
     prefix_offset: int = 0
     read_offset: int = 0
+    generator: torch.Generator | None = None  # from params.seed
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None and self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def done(self) -> bool:
@@ -356,7 +362,14 @@ class Engine:
     ) -> torch.Tensor:
         """Sample one token per row and apply each row's stopping rules."""
         want = any(s.params.logprobs for s in seqs)
-        tokens, logprobs = sample(logits, temperature, top_p, self.generator, want)
+        uniforms = None
+        if any(s.generator is not None for s in seqs):
+            draws = torch.rand(len(seqs), generator=self.generator)
+            for r, seq in enumerate(seqs):
+                if seq.generator is not None:
+                    draws[r] = torch.rand((), generator=seq.generator)
+            uniforms = draws
+        tokens, logprobs = sample(logits, temperature, top_p, self.generator, want, uniforms)
         token_list = tokens.tolist()
         lp_list = logprobs.tolist() if logprobs is not None else None
         for r, seq in enumerate(seqs):

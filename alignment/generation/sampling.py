@@ -29,9 +29,15 @@ def sample(
     top_p: torch.Tensor,
     generator: torch.Generator | None = None,
     want_logprobs: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next token per row of `logits` [rows, vocab] (bf16 or fp32; the arithmetic is fp32);
-    returns (tokens, log-probs or None)."""
+    returns (tokens, log-probs or None).
+
+    A sampled row uses exactly one uniform number per step: `uniforms` [rows] when given (the
+    engine draws a seeded request's from its own generator), else drawn from `generator`. So a
+    row's token depends only on its logits and its own number, not on its neighbours in the batch.
+    """
     greedy = temperature == 0
     if bool(greedy.all()):  # eval/tests: skip the softmax and sort entirely
         tokens = logits.argmax(-1)  # the fp32 upcast is exact: same argmax
@@ -42,27 +48,29 @@ def sample(
     # One pass for the fp32 upcast and the temperature (bitwise logits.float() / t).
     scaled = torch.div(logits, torch.where(greedy, 1.0, temperature).float()[:, None])
     logp = scaled.log_softmax(-1)
+    u = uniforms if uniforms is not None else torch.rand(len(logp), generator=generator, device=logp.device)
+    u = u.to(logp.device, torch.float32)
     nucleus = (top_p < 1) & ~greedy
     full = ~nucleus & ~greedy
     # A batch of one kind (every row top_p < 1, the usual case) skips the row gathers: each
     # boolean index copies the rows' whole [vocab] slices (profiled, 1-2 ms a step at batch 16).
     if bool(nucleus.all()):
-        tokens = _sample_nucleus(logp, top_p, generator)
+        tokens = _sample_nucleus(logp, top_p, u)
     elif bool(full.all()):
-        tokens = _race(logp, generator)
+        tokens = _race(logp, u)
     else:
         tokens = torch.empty_like(greedy, dtype=torch.long)
         if bool(nucleus.any()):
-            tokens[nucleus] = _sample_nucleus(logp[nucleus], top_p[nucleus], generator)
+            tokens[nucleus] = _sample_nucleus(logp[nucleus], top_p[nucleus], u[nucleus])
         if bool(full.any()):
-            tokens[full] = _race(logp[full], generator)
+            tokens[full] = _race(logp[full], u[full])
         if bool(greedy.any()):
             tokens[greedy] = logits[greedy].argmax(-1)
     logprobs = logp.gather(1, tokens[:, None]).squeeze(1) if want_logprobs else None
     return tokens, logprobs
 
 
-def _race(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _race(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One draw per row from exp(logp) by inverse CDF, in two levels: pick a block of BLOCK tokens
     by the blocks' total mass, then a token inside it. torch.multinomial and the exponential
     race both need one random number per vocabulary entry (exponential_ alone was 30-50 ms a
@@ -73,7 +81,7 @@ def _race(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
         probs = torch.nn.functional.pad(probs, (0, BLOCK - vocab % BLOCK))
     blocks = probs.view(rows, -1, BLOCK) if vocab > BLOCK else probs.view(rows, 1, vocab)
     cdf = blocks.sum(-1).cumsum(-1)
-    u = torch.rand(rows, 1, generator=generator, device=probs.device, dtype=probs.dtype) * cdf[:, -1:]
+    u = uniforms[:, None].to(probs.dtype) * cdf[:, -1:]
     block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
     before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
     inner = blocks[torch.arange(rows, device=probs.device), block[:, 0]]
@@ -84,9 +92,7 @@ def _race(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return block[:, 0] * blocks.shape[2] + j
 
 
-def _sample_nucleus(
-    logp: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
+def _sample_nucleus(logp: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Draw from each row's nucleus. Sorting the whole vocabulary was a quarter of a decode step
     (profiled), so look at the top `NUCLEUS_K` tokens first: when they already cover top_p the
     nucleus lies inside them and sampling there is exact; other rows take the full sort."""
@@ -96,10 +102,11 @@ def _sample_nucleus(
     covered = probs.sum(-1) >= top_p
     drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
     drop[:, 0] = False
-    choice = _race(top_logp.masked_fill(drop, float("-inf")), generator)
+    choice = _race(top_logp.masked_fill(drop, float("-inf")), uniforms)
     tokens = top_ids.gather(1, choice[:, None]).squeeze(1)
     if not bool(covered.all()):
+        # the top-k draw of these rows is discarded unseen, so their number is still a fresh draw
         rest = ~covered
         rows = logp[rest]
-        tokens[rest] = _race(rows.masked_fill(top_p_mask(rows, top_p[rest]), float("-inf")), generator)
+        tokens[rest] = _race(rows.masked_fill(top_p_mask(rows, top_p[rest]), float("-inf")), uniforms[rest])
     return tokens

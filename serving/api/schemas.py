@@ -43,6 +43,9 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**63 - 1, description="Same seed, model version and request: same choices."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
 

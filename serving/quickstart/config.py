@@ -66,6 +66,9 @@ class ServeSettings(StrictModel):
     requests: int = Field(24, ge=3, description="Chat requests sent through the openai client.")
     n2_every: int = Field(3, ge=1, description="Every n-th request asks for n=2 (pairwise feedback).")
     max_tokens: int = Field(64, ge=1)
+    seed: int = Field(
+        0, description="Request i sends seed + i (OpenAI `seed`): the same traffic on every run."
+    )
     loop_train: dict[str, Any] = Field(
         default_factory=dict, description="Set on configs/dpo.yaml for the loop's retrain."
     )

@@ -180,6 +180,7 @@ def run_serve(ctx: Context) -> Row:
                 n=n,
                 max_tokens=s.max_tokens,
                 temperature=1.0,
+                seed=s.seed + turn,
             )
             fingerprints.add(response.system_fingerprint or "")
             choices = [(c.model_extra["completion_id"], c.message.content or "") for c in response.choices]

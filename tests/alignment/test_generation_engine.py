@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,22 @@ def test_per_row_settings_share_a_batch(tiny) -> None:  # type: ignore[no-untype
     assert seqs[2].tokens == alone.tokens
     assert len(seqs[1].tokens) == 10 and seqs[1].tokens != alone.tokens  # hot sampling differs
     assert len(seqs[3].tokens) == 3 and seqs[3].finish_reason == "length"
+
+
+def test_a_seeded_row_samples_the_same_tokens_alone_or_in_any_batch(tiny) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch_size=3)
+    ids = prompts(tokenizer)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, ignore_eos=True, seed=7)
+    alone = engine.generate([ids[0]], seeded)[0].tokens
+    hot = SamplingParams(temperature=1.2, max_tokens=12, ignore_eos=True)
+    # other rows unseeded and differently seeded, a fourth prompt queued behind the three slots
+    others = [hot, dataclasses.replace(seeded, seed=8), hot]
+    seqs = engine.generate([ids[1], ids[0], ids[0], ids[2]], [hot, seeded, *others[1:]])
+    assert seqs[1].tokens == alone
+    assert seqs[2].tokens != alone  # another seed, another answer
+    later = engine.generate([ids[3], ids[0]], [hot, seeded], generator=torch.Generator().manual_seed(3))
+    assert later[1].tokens == alone  # nor does the engine's own generator matter
 
 
 def test_stop_sequences_end_the_row_and_are_cut(tiny) -> None:  # type: ignore[no-untyped-def]

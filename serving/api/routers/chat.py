@@ -47,7 +47,7 @@ def sampling(body: ChatCompletionRequest, limits: LimitSettings) -> SamplingPara
     max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens: at most {limits.max_tokens} (got {max_tokens})", param="max_tokens")
-    return SamplingParams(body.temperature, body.top_p, max_tokens, tuple(stop), body.n)
+    return SamplingParams(body.temperature, body.top_p, max_tokens, tuple(stop), body.n, body.seed)
 
 
 def unknown_model(engine: GenerationEngine, model: str) -> APIError:
