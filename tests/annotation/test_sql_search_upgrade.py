@@ -20,6 +20,20 @@ from annotation.workspace import free_port, server_home
 
 pytestmark = pytest.mark.argilla
 
+# the annotation page's query: "apple" among the records still pending for this annotator
+PENDING_APPLE = {
+    "query": {"text": {"q": "apple"}},
+    "filters": {
+        "and": [
+            {
+                "type": "terms",
+                "scope": {"entity": "response", "property": "status"},
+                "values": ["pending"],
+            }
+        ]
+    },
+}
+
 # the earlier version's objects, verbatim in shape (body only, no tags, no response triggers)
 _BODY = (
     "(SELECT group_concat(value, ' ') FROM json_tree({row}.fields) WHERE type = 'text' AND key IS NOT 'role')"
@@ -66,21 +80,9 @@ def test_a_database_from_before_the_tagged_index_is_upgraded_on_startup(tmp_path
             db.execute(statement)
     conn = workspace.up(settings)
     try:
-        queue = {
-            "query": {"text": {"q": "apple"}},
-            "filters": {
-                "and": [
-                    {
-                        "type": "terms",
-                        "scope": {"entity": "response", "property": "status"},
-                        "values": ["pending"],
-                    }
-                ]
-            },
-        }
         response = httpx.post(
             f"{conn.url}/api/v1/me/datasets/{dataset.id}/records/search",
-            json=queue,
+            json=PENDING_APPLE,
             headers={"X-Argilla-Api-Key": creds.api_key},
             timeout=60,
         )
@@ -143,23 +145,10 @@ def test_a_postgres_database_from_before_the_side_table_is_backfilled_on_startup
         finally:
             workspace.down(settings)
 
-        queue = {
-            "query": {"text": {"q": "apple"}},
-            "filters": {
-                "and": [
-                    {
-                        "type": "terms",
-                        "scope": {"entity": "response", "property": "status"},
-                        "values": ["pending"],
-                    }
-                ]
-            },
-        }
-
         def ask(conn) -> tuple[list[tuple[str, float]], int, list[str]]:
             headers = {"X-Argilla-Api-Key": creds.api_key}
             path = f"{conn.url}/api/v1/me/datasets/{dataset.id}/records/search"
-            body = httpx.post(path, json=queue, headers=headers, timeout=60).json()
+            body = httpx.post(path, json=PENDING_APPLE, headers=headers, timeout=60).json()
             every = httpx.post(
                 path, json={"query": {"text": {"q": "apple"}}}, headers=headers, timeout=60
             ).json()
