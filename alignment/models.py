@@ -28,7 +28,7 @@ import torch
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
-from alignment.devices import DevicePlan, plan_device
+from alignment.devices import DevicePlan, keep_freed_cpu_memory, plan_device
 from alignment.fingerprints import sha256_file
 from alignment.paths import PathEscapeError, contained, prefloop_home
 
@@ -304,6 +304,8 @@ def load_causal_lm(
     Safetensors only, and the model's own code from the hub only with `trust_remote_code`.
     """
     plan = plan or plan_device()
+    if plan.device.type == "cpu":
+        keep_freed_cpu_memory()
     quant = quantization_config(quantization, plan)
     extra: dict[str, object] = {"dtype": plan.dtype, "attn_implementation": plan.attention, **kwargs}
     if quant is not None:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModel
 
 from alignment.devices import DevicePlan
-from alignment.dpo import completion_log_probs
+from alignment.lm_head import completion_log_probs
 from alignment.lora_addmm import use_addmm_lora
 from alignment.lora_precision import cast_adapter_params
 from alignment.models import adapter_base_model, check_adapter, load_causal_lm, load_with_adapter

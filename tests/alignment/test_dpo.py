@@ -18,10 +18,10 @@ from alignment.dpo import (
     DPORunConfig,
     add_completion_lm_head,
     build_dpo_trainer,
-    completion_log_probs,
     share_prompts,
     train_dpo,
 )
+from alignment.lm_head import completion_log_probs
 from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
 from alignment.shared_prompt import SEGMENT_ATTENTION
 
