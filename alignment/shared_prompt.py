@@ -25,7 +25,11 @@ rows x heads x T x T score tensor of a whole row is built, and padding costs not
 segment runs eager attention (its backward is plain matmuls: measured faster than PyTorch's CPU
 flash kernel, whose backward took 30% of a long-pair reward step with the full-row mask, and
 flex attention has no CPU backward in torch 2.13); on GPUs each segment is one SDPA call. Without
-`pair_segments` the same attention is plain SDPA, so unpacked calls still work.
+`pair_segments` the same attention is plain SDPA, so unpacked calls still work. A short row (a
+bundled DPO pair, a PPO rollout) whose whole L x L scores cost at most twice what its sequences need
+attends as one masked matrix instead (`dense_row_pays`): there the loop's many small matmuls cost
+more than the scores. The choice is made per row from the row alone, so numbers never depend on the
+batch.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 SEGMENT_ATTENTION = "prefloop_segments"
 ROW_TOKENS = 256  # measured: a little faster than 512 on SmolLM2 (less attention over masked blocks)
+# CPU rows up to this wide attend as one masked matrix (`_dense_row_attention`) when that computes at
+# most DENSE_MAX_WASTE times the scores the sequences need (a few pairs' worth: the saved scores stay small)
+DENSE_ROW_WIDTH = 256
+DENSE_MAX_WASTE = 2.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +271,73 @@ def _eager_causal(
     return torch.matmul(weights, value).view(heads, lq, dim)
 
 
+def dense_row_pays(segments: Sequence[Sequence[int]], length: int) -> bool:
+    """Whether one row's L real tokens attend faster as one masked L x L matrix than sequence by
+    sequence: short rows whose scores are at most DENSE_MAX_WASTE times those the sequences need
+    (measured on SmolLM2, one thread: bundled DPO pairs, a pair per ~76-token row, fwd + bwd
+    1.00 -> 0.80 CPU-s). Decided per row, from the row alone, so a row's numbers never depend on
+    its batch."""
+    if length > DENSE_ROW_WIDTH:
+        return False
+    needed = 0
+    for _, _, prefix, prompt, chosen, rejected in segments:
+        own = prompt + chosen
+        needed += prefix * prefix + own * (prefix + own) + rejected * (prefix + prompt + rejected)
+    return length * length <= DENSE_MAX_WASTE * max(needed, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_bias(
+    segments: tuple[tuple[int, ...], ...], length: int, groups: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """(groups * L, L) additive mask of one packed row's L real tokens: each sees its own sequence.
+
+    The same context as `PackedPairs.attention_mask`, rebuilt from the row's (start, prefix, prompt,
+    chosen, rejected) segments and stacked once per query head sharing a KV head; built once per
+    forward and reused by every layer.
+    """
+    pair = torch.full((length,), -1, dtype=torch.long)  # -1: the batch prefix
+    side = torch.zeros((length,), dtype=torch.long)  # 0 prefix/prompt, 1 chosen, 2 rejected
+    for b, (start, _, prompt, chosen, rejected) in enumerate(segments):
+        pair[start : start + prompt + chosen + rejected] = b
+        side[start + prompt : start + prompt + chosen] = 1
+        side[start + prompt + chosen : start + prompt + chosen + rejected] = 2
+    q = torch.arange(length)[:, None]
+    k = torch.arange(length)[None, :]
+    allowed = (
+        (k <= q)
+        & ((pair[None, :] == -1) | (pair[None, :] == pair[:, None]))
+        & ~((side[:, None] == 2) & (side[None, :] == 1))  # a rejected token never sees its chosen twin
+    )
+    bias = torch.zeros((length, length), dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias.repeat(groups, 1).to(device)
+
+
+def _dense_row_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: Sequence[Sequence[int]],
+    length: int,
+    scale: float,
+) -> torch.Tensor:
+    """One short packed row (H, T, D): one masked eager attention over its L real tokens -> (H, L, D).
+
+    On rows of a few hundred tokens the per-sequence loop is dominated by its ~10 small matmuls a
+    pair and layer (bundled DPO pairs: ~20% of a step); the row's L x L scores cost less than that
+    overhead, and they are kept for the backward (kilobytes per layer at this width).
+    """
+    heads, _, dim = query.shape
+    kv_heads = key.shape[0]
+    groups = heads // kv_heads
+    places = tuple(tuple(segment[1:]) for segment in segments)
+    bias = _row_bias(places, length, groups, query.dtype, query.device)
+    q = query[:, :length].reshape(kv_heads, groups * length, dim)
+    scores = torch.baddbmm(bias, q, key[:, :length].transpose(-1, -2), alpha=scale)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value[:, :length]).view(heads, length, dim)
+
+
 def _keys(
     k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], *indices: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,6 +378,13 @@ def segment_attention(
     outputs = []
     for row, (q_row, k_row, v_row) in enumerate(zip(query, key, value, strict=True)):
         segments = by_row.get(row, [])
+        length = max((start + sum(lengths) for _, start, _, *lengths in segments), default=0)
+        if query.device.type == "cpu" and length and dense_row_pays(segments, length):
+            out = _dense_row_attention(q_row, k_row, v_row, segments, length, scale)
+            if length < width:
+                out = torch.cat([out, out.new_zeros(heads, width - length, dim)], dim=1)
+            outputs.append(out)
+            continue
         # One split per row into [prefix, (prompt, chosen, rejected) per pair, padding]: its backward is
         # a single concatenation, where slicing each piece would zero-fill a full-size gradient per slice.
         prefix = segments[0][2] if segments else 0

@@ -7,7 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignment import shared_prompt
 from alignment.shared_prompt import mask_for_attention, pack_pairs, use_segment_attention
+
+
+@pytest.fixture(params=["per-sequence", "dense-rows"])
+def segment_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """SEGMENT_ATTENTION's two CPU paths: the per-sequence loop, or whole-row masked attention."""
+    if request.param == "per-sequence":
+        monkeypatch.setattr(shared_prompt, "DENSE_ROW_WIDTH", 0)
+    else:
+        monkeypatch.setattr(shared_prompt, "DENSE_MAX_WASTE", float("inf"))
+    return request.param
 
 
 def sequences() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -48,14 +59,24 @@ def packed_hidden(model: torch.nn.Module, packed, attention: str) -> torch.Tenso
     ).last_hidden_state
 
 
-@pytest.mark.parametrize("attention", ["segments", "eager", "sdpa"])  # how the packed rows attend
+@pytest.mark.parametrize("attention", ["segments", "dense-rows", "eager", "sdpa"])  # how packed rows attend
 @pytest.mark.parametrize("reference", ["eager", "sdpa"])  # how the full sequences attend
 @pytest.mark.parametrize("row_tokens", [512, 20])  # one row for all pairs / a row per pair or two
 @pytest.mark.parametrize("shared_system", [True, False])
 @pytest.mark.parametrize("across_pairs", [True, False])
 def test_packed_log_probs_equal_full_sequences(
-    tiny_model: Path, attention: str, reference: str, row_tokens: int, shared_system: bool, across_pairs: bool
+    tiny_model: Path,
+    attention: str,
+    reference: str,
+    row_tokens: int,
+    shared_system: bool,
+    across_pairs: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # SEGMENT_ATTENTION's two CPU paths: the per-sequence loop, or whole-row masked attention
+    monkeypatch.setattr(shared_prompt, "DENSE_ROW_WIDTH", 0 if attention == "segments" else 10**6)
+    monkeypatch.setattr(shared_prompt, "DENSE_MAX_WASTE", float("inf"))
+    segments = attention in ("segments", "dense-rows")
     from transformers import AutoModelForCausalLM
 
     def load(implementation: str) -> torch.nn.Module:
@@ -63,8 +84,8 @@ def test_packed_log_probs_equal_full_sequences(
             tiny_model, dtype=torch.float32, attn_implementation=implementation
         ).eval()
 
-    model = load("sdpa" if attention == "segments" else attention)
-    if attention == "segments":
+    model = load("sdpa" if segments else attention)
+    if segments:
         use_segment_attention(model)
     full_model = load(reference)
     prompts, chosen, rejected = sequences()
@@ -77,7 +98,7 @@ def test_packed_log_probs_equal_full_sequences(
     else:
         assert packed.input_ids.shape[0] == len(prompts) and packed.places[0].prefix == 0
     with torch.no_grad():
-        hidden = packed_hidden(model, packed, attention)
+        hidden = packed_hidden(model, packed, "segments" if segments else attention)
         for b, place in enumerate(packed.places):
             for side, completion in (("chosen", chosen[b]), ("rejected", rejected[b])):
                 full = torch.cat([prompts[b], completion])[None]
@@ -105,7 +126,9 @@ def test_pack_pairs_rejects_mismatched_lists() -> None:
 
 
 @pytest.mark.parametrize("keep_scores", [False, True])  # recompute the scores in the backward / keep them
-def test_segment_attention_gradients_equal_full_row_mask(tiny_model: Path, keep_scores: bool) -> None:
+def test_segment_attention_gradients_equal_full_row_mask(
+    tiny_model: Path, keep_scores: bool, segment_path: str
+) -> None:
     from transformers import AutoModelForCausalLM
 
     def gradients(attention: str) -> dict[str, torch.Tensor]:
