@@ -21,7 +21,6 @@ from alignment.dpo import (
     share_prompts,
     train_dpo,
 )
-from alignment.lm_head import completion_log_probs
 from alignment.preference_data import EXAMPLE_PREFERENCES, load_preference_rows
 from alignment.shared_prompt import SEGMENT_ATTENTION
 
@@ -165,34 +164,6 @@ def test_train_dpo_writes_adapter_card_and_metrics(
     assert "dpo" in (out / "README.md").read_text()
     assert json.loads((out / "metrics.json").read_text())["train_runtime"] == metrics["train_runtime"]
     assert "eval_rewards/accuracies" in metrics
-
-
-def test_completion_log_probs_match_log_softmax() -> None:
-    torch.manual_seed(0)
-    hidden, weight = torch.randn(6, 16), torch.randn(50, 16)
-    targets = torch.randint(0, 50, (6,))
-    log_probs, entropy, mean_logits, is_top1 = completion_log_probs(hidden, weight, targets)
-    logits = hidden @ weight.t()
-    expected = torch.log_softmax(logits, -1)
-    torch.testing.assert_close(log_probs, expected.gather(-1, targets[:, None]).squeeze(-1))
-    torch.testing.assert_close(entropy, -(expected.exp() * expected).sum(-1))
-    torch.testing.assert_close(mean_logits, logits.mean(-1))
-    assert torch.equal(is_top1, logits.argmax(-1) == targets)
-
-
-def test_completion_log_probs_gradients_match_log_softmax() -> None:
-    """The chunked head's own backward (logits rebuilt per chunk) gives autograd's log_softmax gradients."""
-    torch.manual_seed(0)
-    hidden = torch.randn(7, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    targets, upstream = torch.randint(0, 50, (7,)), torch.randn(7)
-    (completion_log_probs(hidden, weight, targets, chunk=3)[0] * upstream).sum().backward()
-    ours = hidden.grad, weight.grad
-    hidden.grad = weight.grad = None
-    expected = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
-    (expected * upstream).sum().backward()
-    torch.testing.assert_close(ours[0], hidden.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(ours[1], weight.grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
