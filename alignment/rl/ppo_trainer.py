@@ -17,6 +17,7 @@ import math
 import random
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,11 @@ from alignment.rl.config import PPOConfig, PPORunConfig, RewardFn
 from alignment.rl.data import pad, tokenize_prompts, tokenize_ptx
 from alignment.rl.experience import (
     Experience,
+    Rollout,
     compute_advantages,
     generate_rollouts,
+    policy_logprobs_and_values,
+    reference_logprobs,
     rollout_engine,
     rollout_logprobs_and_values,
     score_rollouts,
@@ -73,6 +77,30 @@ def kl_controller(config: PPOConfig) -> FixedKLController | AdaptiveKLController
     if config.kl_controller == "fixed":
         return FixedKLController(config.init_kl_coef)
     return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+
+
+@dataclass
+class ScoredRollout:
+    """A rollout batch scored, with its reference log-probs: old log-probs and values still to come."""
+
+    rollout: Rollout
+    scores: torch.Tensor  # (B,) after the EOS penalty and normalisation
+    ref_logprobs: torch.Tensor  # (B, T)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.rollout.input_ids
+
+
+@dataclass
+class MinibatchPass:
+    """A minibatch's forward passes with grad: the policy's, and the critic's values once run."""
+
+    packed: PackedRollouts
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    hidden: torch.Tensor | None
+    values: torch.Tensor | None = None
 
 
 class PPOTrainer:
@@ -138,9 +166,10 @@ class PPOTrainer:
 
     # One step, phase by phase.
 
-    def make_experience(
+    def sample(
         self, prompts: list[list[Message]], prompt_ids: list[list[int]]
-    ) -> tuple[Experience, dict[str, float]]:
+    ) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+        """Rollouts from the current policy and their (normalised) scores."""
         g = self.ppo.generation
         if self.engine is None:  # one engine (and KV cache) for the whole run
             self.engine = rollout_engine(self.policy, self.tokenizer, self.ppo.rollout_batch_size)
@@ -149,71 +178,134 @@ class PPOTrainer:
         if self.ppo.score_norm == "running":
             self.score_moments.update(scores)
             scores = (scores - self.score_moments.mean) / self.score_moments.std
-        logprobs, ref_logprobs, values = rollout_logprobs_and_values(
-            self.policy, self.critic, rollout, g.temperature
-        )
-        experience, stats = compute_advantages(
-            rollout, scores, logprobs, ref_logprobs, values, self.kl_ctl.value, self.ppo
-        )
-        stats |= {
+        stats = {
             "reward/raw": raw_scores.mean().item(),
             "reward/score": scores.mean().item(),
             "rollout/eos_fraction": rollout.ended_with_eos.float().mean().item(),
             "rollout/response_length": rollout.response_mask.sum(1).float().mean().item(),
         }
-        return experience, stats
+        return rollout, scores, stats
 
-    def update(self, experience: Experience) -> dict[str, float]:
-        """ppo_epochs passes over the batch in shuffled minibatches; returns the mean of each statistic."""
+    def make_experience(
+        self, prompts: list[list[Message]], prompt_ids: list[list[int]]
+    ) -> tuple[Experience, dict[str, float]]:
+        """A rollout batch with all its no-grad passes done (`step` saves one minibatch's instead)."""
+        rollout, scores, stats = self.sample(prompts, prompt_ids)
+        logprobs, ref_logprobs, values = rollout_logprobs_and_values(
+            self.policy, self.critic, rollout, self.ppo.generation.temperature
+        )
+        experience, adv_stats = compute_advantages(
+            rollout, scores, logprobs, ref_logprobs, values, self.kl_ctl.value, self.ppo
+        )
+        return experience, stats | adv_stats
+
+    def update(self, experience: Experience | ScoredRollout) -> dict[str, float]:
+        """ppo_epochs passes over the batch in shuffled minibatches; returns the mean of each statistic.
+
+        Given a `ScoredRollout` (old log-probs and values not computed yet), the first minibatch's
+        forward passes run before the rest of the batch's no-grad passes and serve as both: with the
+        parameters not yet stepped they are the same numbers, so that minibatch's no-grad passes
+        (policy and critic, half the batch's on the bench) are saved; the statistics of
+        `compute_advantages` are returned with the update's.
+        """
+        B = (experience.rollout if isinstance(experience, ScoredRollout) else experience).input_ids.shape[0]
+        # Every epoch's order drawn first: the same draws of the generator as one per epoch.
+        orders = [
+            torch.randperm(B, device=self.device).split(self.ppo.mini_batch_size)
+            for _ in range(self.ppo.ppo_epochs)
+        ]
         totals: dict[str, list[float]] = {}
-        B = experience.input_ids.shape[0]
+        first: MinibatchPass | None = None
+        adv_stats: dict[str, float] = {}
+        if isinstance(experience, ScoredRollout):
+            experience, adv_stats, first = self._experience_from_first_minibatch(experience, orders[0][0])
         T = experience.response_mask.shape[1]
-        temperature = self.ppo.generation.temperature
-        max_grad_norm = self.config.training.max_grad_norm
-        for _ in range(self.ppo.ppo_epochs):
-            for rows in torch.randperm(B, device=self.device).split(self.ppo.mini_batch_size):
+        for epoch, order in enumerate(orders):
+            for i, rows in enumerate(order):
                 mb = experience.select(rows)
-                packed = pack_rollouts(mb.input_ids, mb.attention_mask, T)  # policy and critic alike
-                logprobs, entropy, hidden = forward_policy(
-                    self.policy,
-                    mb.input_ids,
-                    mb.attention_mask,
-                    T,
-                    temperature,
-                    with_hidden=self.critic.shared,
-                    rollouts=packed,
-                )
-                pg_loss, stats = policy_loss(
-                    logprobs, mb.logprobs, mb.advantages, mb.response_mask, self.ppo.cliprange
-                )
-                loss = pg_loss
-                stats["loss/policy"] = pg_loss.detach()
-                stats["policy/entropy"] = masked_mean(entropy, mb.response_mask)
-                if self.critic.shared:
-                    vpred = self.critic.head(hidden)
-                    vf_loss, vf_stats = value_loss(
-                        vpred, mb.values, mb.returns, mb.response_mask, self.ppo.cliprange_value
-                    )
-                    loss = loss + self.ppo.vf_coef * vf_loss
-                    stats |= vf_stats | {"loss/value": vf_loss.detach()}
-                if self.ppo.ptx_coef > 0 and self.ptx_examples:
-                    ptx = self.ptx_loss()
-                    loss = loss + self.ppo.ptx_coef * ptx
-                    stats["loss/ptx"] = ptx.detach()
-                loss.backward()
-                stats["policy/grad_norm"] = self._optimizer_step(0, max_grad_norm)
-                if not self.critic.shared:
-                    stats |= self.critic_step(mb, T, packed)
+                stats = self._minibatch_step(mb, T, first if epoch == 0 and i == 0 else None)
                 for key, value in stats.items():
                     totals.setdefault(key, []).append(float(value))
-        return {key: sum(v) / len(v) for key, v in totals.items()}
+        return adv_stats | {key: sum(v) / len(v) for key, v in totals.items()}
+
+    def _policy_pass(self, mb_ids: torch.Tensor, mb_mask: torch.Tensor, T: int) -> MinibatchPass:
+        """The policy's (and a separate critic's) forward with grad on a minibatch's rows."""
+        packed = pack_rollouts(mb_ids, mb_mask, T)  # policy and critic alike
+        logprobs, entropy, hidden = forward_policy(
+            self.policy,
+            mb_ids,
+            mb_mask,
+            T,
+            self.ppo.generation.temperature,
+            with_hidden=self.critic.shared,
+            rollouts=packed,
+        )
+        return MinibatchPass(packed, logprobs, entropy, hidden)
+
+    def _experience_from_first_minibatch(
+        self, scored: ScoredRollout, rows: torch.Tensor
+    ) -> tuple[Experience, dict[str, float], MinibatchPass]:
+        """Experience whose old log-probs and values at `rows` come from their training forward."""
+        rollout = scored.rollout
+        ids, mask = rollout.input_ids, rollout.attention_mask
+        B, T = rollout.response_ids.shape
+        first = self._policy_pass(ids[rows], mask[rows], T)
+        if self.critic.shared:
+            first.values = self.critic.head(first.hidden)
+        else:
+            first.values = critic_values(self.critic, ids[rows], mask[rows], T, first.packed)
+        logprobs = first.logprobs.detach().new_zeros(B, T)
+        values = first.values.detach().new_zeros(B, T)
+        logprobs[rows], values[rows] = first.logprobs.detach(), first.values.detach()
+        rest = torch.ones(B, dtype=torch.bool, device=self.device)
+        rest[rows] = False
+        if rest.any():
+            rest_rows = rest.nonzero().squeeze(1)
+            logprobs[rest_rows], values[rest_rows] = policy_logprobs_and_values(
+                self.policy, self.critic, ids[rest_rows], mask[rest_rows], T, self.ppo.generation.temperature
+            )
+        experience, stats = compute_advantages(
+            rollout, scored.scores, logprobs, scored.ref_logprobs, values, self.kl_ctl.value, self.ppo
+        )
+        return experience, stats, first
+
+    def _minibatch_step(self, mb: Experience, T: int, done: MinibatchPass | None) -> dict[str, Any]:
+        """One minibatch's losses and optimizer steps; `done`: its forward passes, already run."""
+        fwd = done or self._policy_pass(mb.input_ids, mb.attention_mask, T)
+        pg_loss, stats = policy_loss(
+            fwd.logprobs, mb.logprobs, mb.advantages, mb.response_mask, self.ppo.cliprange
+        )
+        loss = pg_loss
+        stats["loss/policy"] = pg_loss.detach()
+        stats["policy/entropy"] = masked_mean(fwd.entropy, mb.response_mask)
+        if self.critic.shared:
+            vpred = fwd.values if fwd.values is not None else self.critic.head(fwd.hidden)
+            vf_loss, vf_stats = value_loss(
+                vpred, mb.values, mb.returns, mb.response_mask, self.ppo.cliprange_value
+            )
+            loss = loss + self.ppo.vf_coef * vf_loss
+            stats |= vf_stats | {"loss/value": vf_loss.detach()}
+        if self.ppo.ptx_coef > 0 and self.ptx_examples:
+            ptx = self.ptx_loss()
+            loss = loss + self.ppo.ptx_coef * ptx
+            stats["loss/ptx"] = ptx.detach()
+        loss.backward()
+        stats["policy/grad_norm"] = self._optimizer_step(0, self.config.training.max_grad_norm)
+        if not self.critic.shared:
+            stats |= self.critic_step(mb, T, fwd.packed, fwd.values)
+        return stats
 
     def critic_step(
-        self, mb: Experience, response_length: int, packed: PackedRollouts | None = None
+        self,
+        mb: Experience,
+        response_length: int,
+        packed: PackedRollouts | None = None,
+        vpred: torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """One optimizer step of a separate critic: its own forward, loss and optimizer."""
+        """One optimizer step of a separate critic: its own forward (unless `vpred`), loss and optimizer."""
         assert self.critic_optimizer is not None
-        vpred = critic_values(self.critic, mb.input_ids, mb.attention_mask, response_length, packed)
+        if vpred is None:
+            vpred = critic_values(self.critic, mb.input_ids, mb.attention_mask, response_length, packed)
         vf_loss, stats = value_loss(vpred, mb.values, mb.returns, mb.response_mask, self.ppo.cliprange_value)
         vf_loss.backward()
         self._optimizer_step(1, self.config.training.max_grad_norm)
@@ -260,8 +352,9 @@ class PPOTrainer:
         return batches()
 
     def step(self, prompts: list[list[Message]], prompt_ids: list[list[int]]) -> dict[str, float]:
-        experience, stats = self.make_experience(prompts, prompt_ids)
-        stats |= self.update(experience)
+        rollout, scores, stats = self.sample(prompts, prompt_ids)
+        ref_logprobs = reference_logprobs(self.policy, rollout, self.ppo.generation.temperature)
+        stats |= self.update(ScoredRollout(rollout, scores, ref_logprobs))
         self.kl_ctl.update(stats["objective/kl"], len(prompts))
         stats["objective/kl_coef"] = self.kl_ctl.value
         stats["policy/learning_rate"] = self.schedulers[0].get_last_lr()[0]

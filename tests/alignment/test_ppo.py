@@ -601,3 +601,51 @@ def test_update_pass_gradients_equal_the_padded_peft_path(
     want = gradients(*padded_logprobs_and_values(trainer, ids, mask, T, 0.7))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_step_reusing_the_first_minibatch_pass_updates_as_the_separate_passes_do(
+    eos_model: Path, prompt_file: Path, tmp_path: Path, critic: str
+) -> None:
+    """`step`'s update takes the first minibatch's old log-probs and values from its training forward
+    instead of a no-grad pass: same experience, statistics and updated weights as the separate passes
+    (fp32)."""
+    from alignment.models import load_tokenizer
+    from alignment.rl.experience import compute_advantages, reference_logprobs, rollout_logprobs_and_values
+    from alignment.rl.ppo_trainer import ScoredRollout
+
+    reward = short_response_reward(load_tokenizer(eos_model))
+    results = []
+    rollout = scores = None
+    for reuse in (False, True):
+        overrides = ppo_overrides(eos_model, prompt_file, tmp_path / f"reuse-{reuse}", f"ppo.critic={critic}")
+        trainer, prompts, prompt_ids = build_ppo_trainer(load_config(PPORunConfig, None, overrides), reward)
+        with torch.no_grad():  # a value head that is not zero, so values are compared for real
+            trainer.critic.head.summary.weight.normal_(generator=torch.Generator().manual_seed(3))
+        if rollout is None:
+            torch.manual_seed(0)
+            rollout, scores, _ = trainer.sample(prompts[:16], prompt_ids[:16])
+        temperature = trainer.ppo.generation.temperature
+        torch.manual_seed(1)  # the same minibatch order in both
+        if reuse:
+            ref = reference_logprobs(trainer.policy, rollout, temperature)
+            stats = trainer.update(ScoredRollout(rollout, scores, ref))
+        else:
+            logprobs, ref, values = rollout_logprobs_and_values(
+                trainer.policy, trainer.critic, rollout, temperature
+            )
+            experience, stats = compute_advantages(
+                rollout, scores, logprobs, ref, values, trainer.kl_ctl.value, trainer.ppo
+            )
+            stats |= trainer.update(experience)
+        weights = [
+            p.detach().clone() for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]
+        ]
+        results.append((stats, weights))
+    (want, want_weights), (got, got_weights) = results
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), key
+    for a, b in zip(want_weights, got_weights, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
