@@ -16,6 +16,9 @@ a shared machine) per step and per phase. Losses are compared on the same rollou
 "now" sampled are saved and replayed into a fresh "before" trainer (same seed, same minibatch order),
 so both see the same data from the same weights and their statistics should agree within bf16 noise.
 `--profile` adds a torch.profiler table (by op) of one step of each.
+Phases: rollout (sampling), logprobs_values (the no-grad passes: old log-probs, reference, values;
+"now" runs the first minibatch's with grad in its update, where they count as policy_update, and
+the other rows' inside the update, counted here), critic_update, policy_update.
 
     python bench/bench_ppo.py --threads 1 --steps 2
     python bench/bench_ppo.py --threads 1 --steps 1 --only-now   # this checkout alone, for iterating
@@ -109,6 +112,10 @@ def worker(args: argparse.Namespace) -> None:
 
     pt.generate_rollouts = timed("rollout", rollouts)
     pt.rollout_logprobs_and_values = timed("logprobs_values", pt.rollout_logprobs_and_values)
+    if hasattr(pt, "reference_logprobs"):  # "now": the no-grad passes not saved by the update's first pass
+        pt.reference_logprobs = timed("logprobs_values", pt.reference_logprobs)
+        rest = timed("logprobs_values_in_update", pt.policy_logprobs_and_values)
+        pt.policy_logprobs_and_values = timed("logprobs_values", rest)
     original_update = pt.PPOTrainer.update
 
     def update(self: Any, experience: Any) -> Any:
@@ -199,7 +206,11 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     """Median CPU-s, wall and per-phase CPU-s of the timed steps, and the peak RSS."""
     timed = [s for s in result["steps"] if not s["warmup"]]
     phases = {p: median([s["phases_cpu_s"].get(p, 0.0) for s in timed]) for p in timed[0]["phases_cpu_s"]}
-    phases["policy_update"] = phases.get("update", 0.0) - phases.get("critic_update", 0.0)
+    phases["policy_update"] = (
+        phases.get("update", 0.0)
+        - phases.get("critic_update", 0.0)
+        - phases.get("logprobs_values_in_update", 0.0)
+    )
     return {
         "cpu_s": median([s["cpu_s"] for s in timed]),
         "wall_s": median([s["wall_s"] for s in timed]),
@@ -299,7 +310,9 @@ def main() -> None:
     print(f"\n{'':16}{'wall s/step':>12}{'CPU-s/step':>12}{'peak RSS MiB':>14}   CPU-s by phase")
     for name, result in (("before", before), ("now", now)):
         by_phase = {p: phase(result, p) for p in ("rollout", "logprobs_values", "update", "critic_update")}
-        by_phase["policy_update"] = by_phase.pop("update") - by_phase["critic_update"]
+        # The update phase of "now" includes the no-grad passes of the rows after its first minibatch.
+        in_update = phase(result, "logprobs_values_in_update")
+        by_phase["policy_update"] = by_phase.pop("update") - by_phase["critic_update"] - in_update
         figures[name] = {
             "wall_s": timed(result, "wall_s"),
             "cpu_s": timed(result, "cpu_s"),
