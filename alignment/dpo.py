@@ -12,10 +12,11 @@ on CPU showed under a third of the time in matmuls):
 - reference log-probs are computed once, before training, and cached on disk
   (`alignment.reference_cache`): a step is one forward and one backward instead of two forwards and a
   backward, and a re-run with the same model, adapter and data skips them entirely;
-- a pair's prompt runs once: [prompt | chosen | rejected] in one row, attending per sequence so every
-  token gets its own sequence's context (`share_prompts`, `alignment.shared_prompt`). `share_prompt=batch`
-  also runs the prefix all prompts share once; with per-sequence attention its bf16 numbers no longer
-  depend on the batch (tests/alignment/test_dpo_reference_smollm2.py), but it is opt-in until benchmarked;
+- a pair's prompt runs once: [prompt | chosen] and [prompt | rejected] share it in one row, and the
+  prefix all prompts of a batch share (a chat template's system prompt) runs once per row
+  (`share_prompts`, `alignment.shared_prompt`, `share_prompt=batch`, the default); attending per
+  sequence, every token gets exactly its own sequence's context and the same bf16 numbers in any
+  batch (tests/alignment/test_dpo_reference_smollm2.py), so the cached reference stays exact;
 - the LM head scores only completion tokens: the (tokens x vocab) logits of the prompt and the padding
   are never built (TRL's fused head scores every position on devices without Triton);
 - LoRA weights in bf16 with fp32 optimizer copies (`training.mixed_precision`, `alignment.lora_precision`):
@@ -105,10 +106,11 @@ class DPOSettings(StrictModel):
         description="Where cached reference log-probs live (default: $PREFLOOP_HOME/cache/reference-logps).",
     )
     share_prompt: Literal["pair", "batch", "off"] = Field(
-        "pair",
-        description="Run a pair's prompt once for both responses (pair), also the prefix all prompts of a "
-        "batch share (batch: fewer tokens; per-sequence attention keeps its bf16 numbers independent of "
-        "the batch), or not (off). See alignment.shared_prompt.",
+        "batch",
+        description="Run the prefix all prompts of a batch share once per row and each pair's prompt once "
+        "for both responses (batch: fewest tokens), only the pair's prompt (pair: a row per pair), or "
+        "neither (off). Per-sequence attention gives the same bf16 numbers in every mode and batch. "
+        "See alignment.shared_prompt.",
     )
     precompute_batch_size: int = Field(
         16, ge=1, description="Pairs per reference forward while precomputing."
@@ -180,7 +182,7 @@ def share_prompts(
     )
 
 
-def add_completion_lm_head(model: PreTrainedModel, share_prompt: str = "pair") -> None:
+def add_completion_lm_head(model: PreTrainedModel, share_prompt: str = "batch") -> None:
     """Make `model(..., labels=labels, fused_lm_head=True)` score only the positions whose label is not -100.
 
     Same contract as TRL's `add_fused_lm_head` (it returns a `FusedCausalLMOutput` with per-token fields of
@@ -261,7 +263,7 @@ class PrefloopDPOTrainer(CachedReferenceDPOTrainer):
         *args: Any,
         reference_cache: ReferenceCache | None = None,
         reference_identity: tuple[str, str | None] = ("", None),
-        share_prompt: str = "pair",
+        share_prompt: str = "batch",
         mixed_precision: MixedPrecision | None = None,
         **kwargs: Any,
     ) -> None:

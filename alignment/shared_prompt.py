@@ -25,11 +25,12 @@ rows x heads x T x T score tensor of a whole row is built, and padding costs not
 segment runs eager attention (its backward is plain matmuls: measured faster than PyTorch's CPU
 flash kernel, whose backward took 30% of a long-pair reward step with the full-row mask, and
 flex attention has no CPU backward in torch 2.13); on GPUs each segment is one SDPA call. Without
-`pair_segments` the same attention is plain SDPA, so unpacked calls still work. A short row (a
-bundled DPO pair, a PPO rollout) whose whole L x L scores cost at most twice what its sequences need
-attends as one masked matrix instead (`dense_row_pays`): there the loop's many small matmuls cost
-more than the scores. The choice is made per row from the row alone, so numbers never depend on the
-batch.
+`pair_segments` the same attention is plain SDPA, so unpacked calls still work. On CPU, when the
+scores of all sequences of a forward fit a small budget (short pairs, PPO rollouts), the sequences
+attend in one batched call instead of a loop of small matmuls (`_batched_attention`): each
+sequence's keys gathered to the front of its own batch row, padding masked after them. That gives
+the loop's numbers bit for bit (tested on SmolLM2 in bf16) for a fraction of its per-call overhead
+(bundled DPO pairs: fwd + bwd 1.00 -> 0.78 CPU-s a pair per row, 0.61 with the batch prefix shared).
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 SEGMENT_ATTENTION = "prefloop_segments"
 ROW_TOKENS = 256  # measured: a little faster than 512 on SmolLM2 (less attention over masked blocks)
-# CPU rows up to this wide attend as one masked matrix (`_dense_row_attention`) when that computes at
-# most DENSE_MAX_WASTE times the scores the sequences need (a few pairs' worth: the saved scores stay small)
-DENSE_ROW_WIDTH = 256
-DENSE_MAX_WASTE = 2.0
+# On CPU all sequences of a forward attend in one batched call when their kept scores (fp32 softmax and
+# bf16 weights, every layer) fit in this many bytes (`batched_attention_pays`); else one at a time.
+BATCHED_SCORES_BYTES = 512 * 2**20
+SHORT_QUERIES = 32  # sequences with at most this many queries (rejected sides) batch apart from the rest
 
 
 @dataclass(frozen=True)
@@ -271,71 +272,138 @@ def _eager_causal(
     return torch.matmul(weights, value).view(heads, lq, dim)
 
 
-def dense_row_pays(segments: Sequence[Sequence[int]], length: int) -> bool:
-    """Whether one row's L real tokens attend faster as one masked L x L matrix than sequence by
-    sequence: short rows whose scores are at most DENSE_MAX_WASTE times those the sequences need
-    (measured on SmolLM2, one thread: bundled DPO pairs, a pair per ~76-token row, fwd + bwd
-    1.00 -> 0.80 CPU-s). Decided per row, from the row alone, so a row's numbers never depend on
-    its batch."""
-    if length > DENSE_ROW_WIDTH:
-        return False
-    needed = 0
-    for _, _, prefix, prompt, chosen, rejected in segments:
-        own = prompt + chosen
-        needed += prefix * prefix + own * (prefix + own) + rejected * (prefix + prompt + rejected)
-    return length * length <= DENSE_MAX_WASTE * max(needed, 1)
+@dataclass(frozen=True)
+class _SequenceBatch:
+    """Where the sequences of packed rows sit, for attending to all of them in one batched call.
+
+    Each sequence's keys are gathered to the front of its own row of `keys` (padding after them,
+    masked by `bias`), and its queries are its last keys: the per-sequence loop's numbers, bit for
+    bit (same key order and grouping; trailing masked keys and padded queries change no sum).
+    """
+
+    keys: torch.Tensor  # (S, LK) flat (rows * T) index of each sequence's keys, padding -> 0
+    queries: torch.Tensor  # (S, LQ) flat index of its queries (the last Lq keys), padding -> 0
+    bias: torch.Tensor  # (S * KV, groups * LQ, LK) additive mask: causal, padding keys -inf
+    slots: torch.Tensor  # (rows * T,) for every position, its (s * LQ + q) slot; padding -> S * LQ (zeros)
+
+
+def _sequences(segments: Sequence[Sequence[int]], width: int) -> list[tuple[list[int], int]]:
+    """Every sequence of the packed rows as (flat key positions, number of queries at their end)."""
+    out: list[tuple[list[int], int]] = []
+    prefixed: set[int] = set()
+    for row, start, prefix, prompt, chosen, rejected in segments:
+        base = row * width
+        head = list(range(base, base + prefix))
+        if prefix and row not in prefixed:  # the batch prefix runs once per row
+            prefixed.add(row)
+            out.append((head, prefix))
+        own = list(range(base + start, base + start + prompt))
+        out.append(
+            (head + own + list(range(base + start + prompt, base + start + prompt + chosen)), prompt + chosen)
+        )
+        if rejected:  # PPO packs (prompt, response) with no rejected side
+            first = base + start + prompt + chosen
+            out.append((head + own + list(range(first, first + rejected)), rejected))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _sequence_batches(
+    segments: tuple[tuple[int, ...], ...],
+    rows: int,
+    width: int,
+    kv_heads: int,
+    groups: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[_SequenceBatch, ...]:
+    """The packed rows' sequences in two batches (those ending in a rejected side: short query runs),
+    built once per forward and reused by every layer."""
+    sequences = _sequences(segments, width)
+    long_queries = [s for s in sequences if s[1] > SHORT_QUERIES]
+    short_queries = [s for s in sequences if s[1] <= SHORT_QUERIES]
+    batches = []
+    slots = torch.full((rows * width,), -1, dtype=torch.long)
+    offset = 0
+    for group in (long_queries, short_queries):
+        if not group:
+            continue
+        lk = max(len(keys) for keys, _ in group)
+        lq = max(n for _, n in group)
+        keys = torch.zeros((len(group), lk), dtype=torch.long)
+        queries = torch.zeros((len(group), lq), dtype=torch.long)
+        bias = torch.full((len(group), lq, lk), torch.finfo(dtype).min, dtype=dtype)
+        for i, (positions, n) in enumerate(group):
+            length = len(positions)
+            keys[i, :length] = torch.tensor(positions)
+            queries[i, :n] = keys[i, length - n : length]
+            slots[queries[i, :n]] = offset + i * lq + torch.arange(n)
+            # query j (the (length - n + j)-th key) sees keys up to its own position
+            visible = torch.arange(lk)[None, :] <= (length - n + torch.arange(lq))[:, None]
+            bias[i].masked_fill_(visible & (torch.arange(lk)[None, :] < length), 0)
+        offset += len(group) * lq
+        bias = bias[:, None, None].expand(len(group), kv_heads, groups, lq, lk).reshape(-1, groups * lq, lk)
+        batches.append(
+            _SequenceBatch(keys.to(device), queries.to(device), bias.contiguous().to(device), slots)
+        )
+    slots = torch.where(slots < 0, offset, slots).to(device)
+    return tuple(_SequenceBatch(b.keys, b.queries, b.bias, slots) for b in batches)
 
 
 @functools.lru_cache(maxsize=64)
-def _row_bias(
-    segments: tuple[tuple[int, ...], ...], length: int, groups: int, dtype: torch.dtype, device: torch.device
+def _batched_scores_bytes(segments: tuple[tuple[int, ...], ...], heads: int) -> int:
+    """Bytes one layer keeps for the backward when `_batched_attention` runs these segments."""
+    sizes: list[tuple[int, int]] = []  # (keys, queries) of every sequence, as `_sequences` lists them
+    prefixed: set[int] = set()
+    for row, _, prefix, prompt, chosen, rejected in segments:
+        if prefix and row not in prefixed:
+            prefixed.add(row)
+            sizes.append((prefix, prefix))
+        sizes.append((prefix + prompt + chosen, prompt + chosen))
+        if rejected:
+            sizes.append((prefix + prompt + rejected, rejected))
+    total = 0
+    for group in ([s for s in sizes if s[1] > SHORT_QUERIES], [s for s in sizes if s[1] <= SHORT_QUERIES]):
+        if group:
+            total += len(group) * heads * max(k for k, _ in group) * max(q for _, q in group)
+    return total * 6  # fp32 softmax + bf16 weights per score
+
+
+def batched_attention_pays(pair_segments: torch.Tensor, heads: int, layers: int) -> bool:
+    """Whether all sequences attend in one batched call, their scores kept for the backward, within
+    BATCHED_SCORES_BYTES over the model's layers; else the per-sequence loop. Same numbers either way."""
+    segments = tuple(tuple(s) for s in pair_segments.tolist())
+    return _batched_scores_bytes(segments, heads) * layers <= BATCHED_SCORES_BYTES
+
+
+def _batched_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pair_segments: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """(groups * L, L) additive mask of one packed row's L real tokens: each sees its own sequence.
+    """All sequences of the packed rows in one batched eager attention (per batch of `_sequence_batches`).
 
-    The same context as `PackedPairs.attention_mask`, rebuilt from the row's (start, prefix, prompt,
-    chosen, rejected) segments and stacked once per query head sharing a KV head; built once per
-    forward and reused by every layer.
+    query (rows, H, T, D), key/value (rows, KV, T, D) -> (rows, T, H, D), padding positions zero.
     """
-    pair = torch.full((length,), -1, dtype=torch.long)  # -1: the batch prefix
-    side = torch.zeros((length,), dtype=torch.long)  # 0 prefix/prompt, 1 chosen, 2 rejected
-    for b, (start, _, prompt, chosen, rejected) in enumerate(segments):
-        pair[start : start + prompt + chosen + rejected] = b
-        side[start + prompt : start + prompt + chosen] = 1
-        side[start + prompt + chosen : start + prompt + chosen + rejected] = 2
-    q = torch.arange(length)[:, None]
-    k = torch.arange(length)[None, :]
-    allowed = (
-        (k <= q)
-        & ((pair[None, :] == -1) | (pair[None, :] == pair[:, None]))
-        & ~((side[:, None] == 2) & (side[None, :] == 1))  # a rejected token never sees its chosen twin
-    )
-    bias = torch.zeros((length, length), dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias.repeat(groups, 1).to(device)
-
-
-def _dense_row_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segments: Sequence[Sequence[int]],
-    length: int,
-    scale: float,
-) -> torch.Tensor:
-    """One short packed row (H, T, D): one masked eager attention over its L real tokens -> (H, L, D).
-
-    On rows of a few hundred tokens the per-sequence loop is dominated by its ~10 small matmuls a
-    pair and layer (bundled DPO pairs: ~20% of a step); the row's L x L scores cost less than that
-    overhead, and they are kept for the backward (kilobytes per layer at this width).
-    """
-    heads, _, dim = query.shape
-    kv_heads = key.shape[0]
+    rows, heads, width, dim = query.shape
+    kv_heads = key.shape[1]
     groups = heads // kv_heads
-    places = tuple(tuple(segment[1:]) for segment in segments)
-    bias = _row_bias(places, length, groups, query.dtype, query.device)
-    q = query[:, :length].reshape(kv_heads, groups * length, dim)
-    scores = torch.baddbmm(bias, q, key[:, :length].transpose(-1, -2), alpha=scale)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(weights, value[:, :length]).view(heads, length, dim)
+    segments = tuple(tuple(s) for s in pair_segments.tolist())
+    batches = _sequence_batches(segments, rows, width, kv_heads, groups, query.dtype, query.device)
+    flat_q = query.transpose(1, 2).reshape(rows * width, heads, dim)
+    flat_k = key.transpose(1, 2).reshape(rows * width, kv_heads, dim)
+    flat_v = value.transpose(1, 2).reshape(rows * width, kv_heads, dim)
+    outputs = []
+    for batch in batches:
+        n, lk = batch.keys.shape
+        lq = batch.queries.shape[1]
+        k = flat_k[batch.keys].permute(0, 2, 1, 3).reshape(n * kv_heads, lk, dim)
+        v = flat_v[batch.keys].permute(0, 2, 1, 3).reshape(n * kv_heads, lk, dim)
+        q = flat_q[batch.queries].permute(0, 2, 1, 3).reshape(n * kv_heads, groups * lq, dim)
+        scores = torch.baddbmm(batch.bias, q, k.transpose(-1, -2), alpha=scale)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.bmm(weights, v).view(n, heads, lq, dim).transpose(1, 2)
+        outputs.append(out.reshape(n * lq, heads, dim))
+    outputs.append(query.new_zeros(1, heads, dim))  # what padding positions read
+    return torch.cat(outputs)[batches[0].slots].view(rows, width, heads, dim)
 
 
 def _keys(
@@ -371,6 +439,10 @@ def segment_attention(
         )
     _, heads, width, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
+    if query.device.type == "cpu" and batched_attention_pays(
+        pair_segments, heads, getattr(module.config, "num_hidden_layers", 1)
+    ):
+        return _batched_attention(query, key, value, pair_segments, scale), None
     keep = keep_attention_scores
     by_row: dict[int, list[list[int]]] = {}
     for segment in pair_segments.tolist():
@@ -378,13 +450,6 @@ def segment_attention(
     outputs = []
     for row, (q_row, k_row, v_row) in enumerate(zip(query, key, value, strict=True)):
         segments = by_row.get(row, [])
-        length = max((start + sum(lengths) for _, start, _, *lengths in segments), default=0)
-        if query.device.type == "cpu" and length and dense_row_pays(segments, length):
-            out = _dense_row_attention(q_row, k_row, v_row, segments, length, scale)
-            if length < width:
-                out = torch.cat([out, out.new_zeros(heads, width - length, dim)], dim=1)
-            outputs.append(out)
-            continue
         # One split per row into [prefix, (prompt, chosen, rejected) per pair, padding]: its backward is
         # a single concatenation, where slicing each piece would zero-fill a full-size gradient per slice.
         prefix = segments[0][2] if segments else 0

@@ -11,13 +11,12 @@ from alignment import shared_prompt
 from alignment.shared_prompt import mask_for_attention, pack_pairs, use_segment_attention
 
 
-@pytest.fixture(params=["per-sequence", "dense-rows"])
+@pytest.fixture(params=["per-sequence", "batched"])
 def segment_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """SEGMENT_ATTENTION's two CPU paths: the per-sequence loop, or whole-row masked attention."""
-    if request.param == "per-sequence":
-        monkeypatch.setattr(shared_prompt, "DENSE_ROW_WIDTH", 0)
-    else:
-        monkeypatch.setattr(shared_prompt, "DENSE_MAX_WASTE", float("inf"))
+    """SEGMENT_ATTENTION's two CPU paths: the per-sequence loop, or all sequences in one batch."""
+    monkeypatch.setattr(
+        shared_prompt, "BATCHED_SCORES_BYTES", 0 if request.param == "per-sequence" else 2**40
+    )
     return request.param
 
 
@@ -59,7 +58,7 @@ def packed_hidden(model: torch.nn.Module, packed, attention: str) -> torch.Tenso
     ).last_hidden_state
 
 
-@pytest.mark.parametrize("attention", ["segments", "dense-rows", "eager", "sdpa"])  # how packed rows attend
+@pytest.mark.parametrize("attention", ["segments", "batched", "eager", "sdpa"])  # how packed rows attend
 @pytest.mark.parametrize("reference", ["eager", "sdpa"])  # how the full sequences attend
 @pytest.mark.parametrize("row_tokens", [512, 20])  # one row for all pairs / a row per pair or two
 @pytest.mark.parametrize("shared_system", [True, False])
@@ -74,9 +73,8 @@ def test_packed_log_probs_equal_full_sequences(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # SEGMENT_ATTENTION's two CPU paths: the per-sequence loop, or whole-row masked attention
-    monkeypatch.setattr(shared_prompt, "DENSE_ROW_WIDTH", 0 if attention == "segments" else 10**6)
-    monkeypatch.setattr(shared_prompt, "DENSE_MAX_WASTE", float("inf"))
-    segments = attention in ("segments", "dense-rows")
+    monkeypatch.setattr(shared_prompt, "BATCHED_SCORES_BYTES", 0 if attention == "segments" else 2**40)
+    segments = attention in ("segments", "batched")
     from transformers import AutoModelForCausalLM
 
     def load(implementation: str) -> torch.nn.Module:
