@@ -17,8 +17,8 @@ a shared machine) per step and per phase. Losses are compared on the same rollou
 so both see the same data from the same weights and their statistics should agree within bf16 noise.
 `--profile` adds a torch.profiler table (by op) of one step of each.
 Phases: rollout (sampling), logprobs_values (the no-grad passes: old log-probs, reference, values;
-"now" runs the first minibatch's with grad in its update, where they count as policy_update, and
-the other rows' inside the update, counted here), critic_update, policy_update.
+"now" runs the first minibatch's policy pass with grad in its update, where it counts as
+policy_update, and the other passes inside the update, counted here), critic_update, policy_update.
 
     python bench/bench_ppo.py --threads 1 --steps 2
     python bench/bench_ppo.py --threads 1 --steps 1 --only-now   # this checkout alone, for iterating
@@ -116,6 +116,8 @@ def worker(args: argparse.Namespace) -> None:
         pt.reference_logprobs = timed("logprobs_values", pt.reference_logprobs)
         rest = timed("logprobs_values_in_update", pt.policy_logprobs_and_values)
         pt.policy_logprobs_and_values = timed("logprobs_values", rest)
+        values = timed("logprobs_values_in_update", pt.old_values)
+        pt.old_values = timed("logprobs_values", values)
     original_update = pt.PPOTrainer.update
 
     def update(self: Any, experience: Any) -> Any:

@@ -145,8 +145,10 @@ def policy_logprobs_and_values(
     response_length: int,
     temperature: float,
     packed: PackedRollouts | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi_theta_old and V_old of rollout rows (no grad): the policy's pass, then the critic's."""
+    values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi_theta_old and V_old of rollout rows (no grad): the policy's pass, then the critic's
+    (a separate critic's only with `values`; a shared one's head costs nothing)."""
     T = response_length
     packed = packed or pack_rollouts(input_ids, attention_mask, T)
     logprobs, _, hidden = forward_policy(
@@ -154,7 +156,21 @@ def policy_logprobs_and_values(
     )
     if critic.shared:
         return logprobs, critic.head(hidden)
-    return logprobs, critic_values(critic, input_ids, attention_mask, T, packed)
+    if not values:
+        return logprobs, None
+    return logprobs, old_values(critic, input_ids, attention_mask, T, packed)
+
+
+@torch.no_grad()
+def old_values(
+    critic: Critic,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    packed: PackedRollouts | None = None,
+) -> torch.Tensor:
+    """V_old of rollout rows from a separate critic (no grad)."""
+    return critic_values(critic, input_ids, attention_mask, response_length, packed)
 
 
 @torch.no_grad()
