@@ -51,6 +51,7 @@ ROW_TOKENS = 256  # measured: a little faster than 512 on SmolLM2 (less attentio
 # bf16 weights, every layer) fit in this many bytes (`batched_attention_pays`); else one at a time.
 BATCHED_SCORES_BYTES = 512 * 2**20
 SHORT_QUERIES = 32  # sequences with at most this many queries (rejected sides) batch apart from the rest
+BATCHED_MAX_WASTE = 3.0  # ... and only when padding at most triples the scores computed
 
 
 @dataclass(frozen=True)
@@ -351,8 +352,9 @@ def _sequence_batches(
 
 
 @functools.lru_cache(maxsize=64)
-def _batched_scores_bytes(segments: tuple[tuple[int, ...], ...], heads: int) -> int:
-    """Bytes one layer keeps for the backward when `_batched_attention` runs these segments."""
+def _batched_scores(segments: tuple[tuple[int, ...], ...]) -> tuple[int, int]:
+    """Scores per head `_batched_attention` computes for these segments (padding included), and
+    those the sequences need."""
     sizes: list[tuple[int, int]] = []  # (keys, queries) of every sequence, as `_sequences` lists them
     prefixed: set[int] = set()
     for row, _, prefix, prompt, chosen, rejected in segments:
@@ -362,18 +364,21 @@ def _batched_scores_bytes(segments: tuple[tuple[int, ...], ...], heads: int) -> 
         sizes.append((prefix + prompt + chosen, prompt + chosen))
         if rejected:
             sizes.append((prefix + prompt + rejected, rejected))
-    total = 0
+    padded = 0
     for group in ([s for s in sizes if s[1] > SHORT_QUERIES], [s for s in sizes if s[1] <= SHORT_QUERIES]):
         if group:
-            total += len(group) * heads * max(k for k, _ in group) * max(q for _, q in group)
-    return total * 6  # fp32 softmax + bf16 weights per score
+            padded += len(group) * max(k for k, _ in group) * max(q for _, q in group)
+    return padded, sum(k * q for k, q in sizes)
 
 
 def batched_attention_pays(pair_segments: torch.Tensor, heads: int, layers: int) -> bool:
     """Whether all sequences attend in one batched call, their scores kept for the backward, within
-    BATCHED_SCORES_BYTES over the model's layers; else the per-sequence loop. Same numbers either way."""
-    segments = tuple(tuple(s) for s in pair_segments.tolist())
-    return _batched_scores_bytes(segments, heads) * layers <= BATCHED_SCORES_BYTES
+    BATCHED_SCORES_BYTES over the model's layers and not mostly padding; else the per-sequence loop.
+    Same numbers either way."""
+    padded, needed = _batched_scores(tuple(tuple(s) for s in pair_segments.tolist()))
+    # mostly padding: the loop is faster (2x on long pairs of mixed lengths, measured in the scorer)
+    kept = padded * heads * 6 * layers  # fp32 softmax + bf16 weights per score, every layer
+    return padded <= BATCHED_MAX_WASTE * needed and kept <= BATCHED_SCORES_BYTES
 
 
 def _batched_attention(

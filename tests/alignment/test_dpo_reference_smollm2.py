@@ -78,6 +78,7 @@ def test_batched_attention_gives_the_per_sequence_numbers_bit_for_bit(
     for across_pairs in (True, False):
         packed = shared_prompt.pack_pairs(prompts, chosen, rejected, across_pairs=across_pairs)
         hidden = {}
+        monkeypatch.setattr(shared_prompt, "BATCHED_MAX_WASTE", float("inf"))
         for path, budget in (("loop", 0), ("batched", 2**40)):
             monkeypatch.setattr(shared_prompt, "BATCHED_SCORES_BYTES", budget)
             with torch.no_grad():

@@ -17,6 +17,7 @@ def segment_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(
         shared_prompt, "BATCHED_SCORES_BYTES", 0 if request.param == "per-sequence" else 2**40
     )
+    monkeypatch.setattr(shared_prompt, "BATCHED_MAX_WASTE", float("inf"))
     return request.param
 
 
@@ -74,6 +75,7 @@ def test_packed_log_probs_equal_full_sequences(
 ) -> None:
     # SEGMENT_ATTENTION's two CPU paths: the per-sequence loop, or whole-row masked attention
     monkeypatch.setattr(shared_prompt, "BATCHED_SCORES_BYTES", 0 if attention == "segments" else 2**40)
+    monkeypatch.setattr(shared_prompt, "BATCHED_MAX_WASTE", float("inf"))
     segments = attention in ("segments", "batched")
     from transformers import AutoModelForCausalLM
 
