@@ -11,7 +11,8 @@ Three contenders, each in its own process (so peak RSS is its own), run in alter
   checkpointing, a reference forward every step), LoRA r16 on all linear layers;
 - trl-bf16:    the same with the weights loaded in bf16 and `bf16=True`;
 - prefloop:    `alignment.dpo.build_dpo_trainer` (bf16 weights with fp32 optimizer copies of the LoRA,
-  no autocast, no checkpointing, cached reference log-probs, one packed row per pair, completion-only
+  no autocast, no checkpointing, cached reference log-probs, pairs packed with the batch's shared
+  system prompt once per row and per-sequence attention, completion-only
   LM head);
 - prefloop-autocast (only with --methods): the same with `training.mixed_precision=autocast`;
 - trl-fp32, prefloop-fp32 (only with --methods): both in fp32 without autocast, the like-with-like
