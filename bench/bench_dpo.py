@@ -12,8 +12,7 @@ Three contenders, each in its own process (so peak RSS is its own), run in alter
 - trl-bf16:    the same with the weights loaded in bf16 and `bf16=True`;
 - prefloop:    `alignment.dpo.build_dpo_trainer` (bf16 weights with fp32 optimizer copies of the LoRA,
   no autocast, no checkpointing, cached reference log-probs, pairs packed with the batch's shared
-  system prompt once per row and per-sequence attention, completion-only
-  LM head);
+  system prompt once per row and per-sequence attention, completion-only LM head);
 - prefloop-autocast (only with --methods): the same with `training.mixed_precision=autocast`;
 - trl-fp32, prefloop-fp32 (only with --methods): both in fp32 without autocast, the like-with-like
   loss check: in bf16 the per-step losses of any two contenders differ by bf16 noise (see README).
