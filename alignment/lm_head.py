@@ -3,7 +3,8 @@
     log_probs, entropy, mean_logits, is_top1 = completion_log_probs(hidden, model.lm_head.weight, targets)
 
 DPO (`alignment.dpo`) and PPO/GRPO (`alignment.rl.models`) score only completion tokens: their final
-hidden states go through the LM head a chunk at a time, and the backward rebuilds each chunk's logits.
+hidden states go through the LM head a chunk at a time, and the (tokens x vocab) fp32 logits never
+exist whole; the backward reuses each chunk's softmax, kept in bf16.
 """
 
 from __future__ import annotations

@@ -274,38 +274,57 @@ def _eager_causal(
 
 
 @dataclass(frozen=True)
-class _SequenceBatch:
-    """Where the sequences of packed rows sit, for attending to all of them in one batched call.
+class _Sequence:
+    """One sequence of a packed row: its keys, as runs of row positions in order, and its queries
+    (the last `queries` keys)."""
 
-    Each sequence's keys are gathered to the front of its own row of `keys` (padding after them,
-    masked by `bias`), and its queries are its last keys: the per-sequence loop's numbers, bit for
-    bit (same key order and grouping; trailing masked keys and padded queries change no sum).
-    """
+    row: int
+    spans: tuple[tuple[int, int], ...]  # [start, stop) runs of row positions
+    queries: int
+
+    @property
+    def keys(self) -> int:
+        return sum(stop - start for start, stop in self.spans)
+
+
+def _sequences(segments: Sequence[Sequence[int]]) -> list[_Sequence]:
+    """Every sequence of the packed rows: the batch prefix once per row, then each pair's
+    [prefix | prompt | chosen] and [prefix | prompt | rejected], as the per-sequence loop runs them."""
+    out: list[_Sequence] = []
+    prefixed: set[int] = set()
+    for row, start, prefix, prompt, chosen, rejected in segments:
+        head = ((0, prefix),) if prefix else ()
+        if prefix and row not in prefixed:
+            prefixed.add(row)
+            out.append(_Sequence(row, head, prefix))
+        own = start + prompt  # the first completion token
+        out.append(_Sequence(row, (*head, (start, own + chosen)), prompt + chosen))
+        if rejected:  # PPO packs (prompt, response) with no rejected side
+            out.append(
+                _Sequence(row, (*head, (start, own), (own + chosen, own + chosen + rejected)), rejected)
+            )
+    return out
+
+
+def _query_groups(sequences: list[_Sequence]) -> list[list[_Sequence]]:
+    """The sequences batched together: those with many queries, and the short runs (rejected sides)."""
+    groups = (
+        [s for s in sequences if s.queries > SHORT_QUERIES],
+        [s for s in sequences if s.queries <= SHORT_QUERIES],
+    )
+    return [group for group in groups if group]
+
+
+@dataclass(frozen=True)
+class _SequenceBatch:
+    """Sequences attending in one batched call. Each one's keys are gathered to the front of its own
+    row of `keys` (padding after them, masked by `bias`), and its queries are its last keys: the
+    per-sequence loop's numbers, bit for bit (same key order and grouping; trailing masked keys and
+    padded queries change no sum)."""
 
     keys: torch.Tensor  # (S, LK) flat (rows * T) index of each sequence's keys, padding -> 0
     queries: torch.Tensor  # (S, LQ) flat index of its queries (the last Lq keys), padding -> 0
     bias: torch.Tensor  # (S * KV, groups * LQ, LK) additive mask: causal, padding keys -inf
-    slots: torch.Tensor  # (rows * T,) for every position, its (s * LQ + q) slot; padding -> S * LQ (zeros)
-
-
-def _sequences(segments: Sequence[Sequence[int]], width: int) -> list[tuple[list[int], int]]:
-    """Every sequence of the packed rows as (flat key positions, number of queries at their end)."""
-    out: list[tuple[list[int], int]] = []
-    prefixed: set[int] = set()
-    for row, start, prefix, prompt, chosen, rejected in segments:
-        base = row * width
-        head = list(range(base, base + prefix))
-        if prefix and row not in prefixed:  # the batch prefix runs once per row
-            prefixed.add(row)
-            out.append((head, prefix))
-        own = list(range(base + start, base + start + prompt))
-        out.append(
-            (head + own + list(range(base + start + prompt, base + start + prompt + chosen)), prompt + chosen)
-        )
-        if rejected:  # PPO packs (prompt, response) with no rejected side
-            first = base + start + prompt + chosen
-            out.append((head + own + list(range(first, first + rejected)), rejected))
-    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -317,26 +336,22 @@ def _sequence_batches(
     groups: int,
     dtype: torch.dtype,
     device: torch.device,
-) -> tuple[_SequenceBatch, ...]:
-    """The packed rows' sequences in two batches (those ending in a rejected side: short query runs),
-    built once per forward and reused by every layer."""
-    sequences = _sequences(segments, width)
-    long_queries = [s for s in sequences if s[1] > SHORT_QUERIES]
-    short_queries = [s for s in sequences if s[1] <= SHORT_QUERIES]
+) -> tuple[tuple[_SequenceBatch, ...], torch.Tensor]:
+    """The packed rows' sequences as batches (`_query_groups`), and for every flat (rows * T)
+    position the slot of its output among the batches' (padding: one past the last, a zero row).
+    Built once per forward and reused by every layer."""
     batches = []
     slots = torch.full((rows * width,), -1, dtype=torch.long)
     offset = 0
-    for group in (long_queries, short_queries):
-        if not group:
-            continue
-        lk = max(len(keys) for keys, _ in group)
-        lq = max(n for _, n in group)
+    for group in _query_groups(_sequences(segments)):
+        lk = max(seq.keys for seq in group)
+        lq = max(seq.queries for seq in group)
         keys = torch.zeros((len(group), lk), dtype=torch.long)
         queries = torch.zeros((len(group), lq), dtype=torch.long)
         bias = torch.full((len(group), lq, lk), torch.finfo(dtype).min, dtype=dtype)
-        for i, (positions, n) in enumerate(group):
-            length = len(positions)
-            keys[i, :length] = torch.tensor(positions)
+        for i, seq in enumerate(group):
+            length, n = seq.keys, seq.queries
+            keys[i, :length] = torch.cat([torch.arange(a, b) for a, b in seq.spans]) + seq.row * width
             queries[i, :n] = keys[i, length - n : length]
             slots[queries[i, :n]] = offset + i * lq + torch.arange(n)
             # query j (the (length - n + j)-th key) sees keys up to its own position
@@ -344,45 +359,38 @@ def _sequence_batches(
             bias[i].masked_fill_(visible & (torch.arange(lk)[None, :] < length), 0)
         offset += len(group) * lq
         bias = bias[:, None, None].expand(len(group), kv_heads, groups, lq, lk).reshape(-1, groups * lq, lk)
-        batches.append(
-            _SequenceBatch(keys.to(device), queries.to(device), bias.contiguous().to(device), slots)
-        )
-    slots = torch.where(slots < 0, offset, slots).to(device)
-    return tuple(_SequenceBatch(b.keys, b.queries, b.bias, slots) for b in batches)
+        batches.append(_SequenceBatch(keys.to(device), queries.to(device), bias.contiguous().to(device)))
+    return tuple(batches), torch.where(slots < 0, offset, slots).to(device)
 
 
 @functools.lru_cache(maxsize=64)
 def _batched_scores(segments: tuple[tuple[int, ...], ...]) -> tuple[int, int]:
     """Scores per head `_batched_attention` computes for these segments (padding included), and
     those the sequences need."""
-    sizes: list[tuple[int, int]] = []  # (keys, queries) of every sequence, as `_sequences` lists them
-    prefixed: set[int] = set()
-    for row, _, prefix, prompt, chosen, rejected in segments:
-        if prefix and row not in prefixed:
-            prefixed.add(row)
-            sizes.append((prefix, prefix))
-        sizes.append((prefix + prompt + chosen, prompt + chosen))
-        if rejected:
-            sizes.append((prefix + prompt + rejected, rejected))
-    padded = 0
-    for group in ([s for s in sizes if s[1] > SHORT_QUERIES], [s for s in sizes if s[1] <= SHORT_QUERIES]):
-        if group:
-            padded += len(group) * max(k for k, _ in group) * max(q for _, q in group)
-    return padded, sum(k * q for k, q in sizes)
+    sequences = _sequences(segments)
+    padded = sum(
+        len(group) * max(seq.keys for seq in group) * max(seq.queries for seq in group)
+        for group in _query_groups(sequences)
+    )
+    return padded, sum(seq.keys * seq.queries for seq in sequences)
 
 
-def batched_attention_pays(pair_segments: torch.Tensor, heads: int, layers: int) -> bool:
+def batched_attention_pays(segments: tuple[tuple[int, ...], ...], heads: int, layers: int) -> bool:
     """Whether all sequences attend in one batched call, their scores kept for the backward, within
     BATCHED_SCORES_BYTES over the model's layers and not mostly padding; else the per-sequence loop.
     Same numbers either way."""
-    padded, needed = _batched_scores(tuple(tuple(s) for s in pair_segments.tolist()))
+    padded, needed = _batched_scores(segments)
     # mostly padding: the loop is faster (2x on long pairs of mixed lengths, measured in the scorer)
     kept = padded * heads * 6 * layers  # fp32 softmax + bf16 weights per score, every layer
     return padded <= BATCHED_MAX_WASTE * needed and kept <= BATCHED_SCORES_BYTES
 
 
 def _batched_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pair_segments: torch.Tensor, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: tuple[tuple[int, ...], ...],
+    scale: float,
 ) -> torch.Tensor:
     """All sequences of the packed rows in one batched eager attention (per batch of `_sequence_batches`).
 
@@ -391,8 +399,7 @@ def _batched_attention(
     rows, heads, width, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    segments = tuple(tuple(s) for s in pair_segments.tolist())
-    batches = _sequence_batches(segments, rows, width, kv_heads, groups, query.dtype, query.device)
+    batches, slots = _sequence_batches(segments, rows, width, kv_heads, groups, query.dtype, query.device)
     flat_q = query.transpose(1, 2).reshape(rows * width, heads, dim)
     flat_k = key.transpose(1, 2).reshape(rows * width, kv_heads, dim)
     flat_v = value.transpose(1, 2).reshape(rows * width, kv_heads, dim)
@@ -411,7 +418,7 @@ def _batched_attention(
         out = torch.bmm(weights, v).view(n, heads, lq, dim).transpose(1, 2)
         outputs.append(out.reshape(n * lq, heads, dim))
     outputs.append(query.new_zeros(1, heads, dim))  # what padding positions read
-    return torch.cat(outputs).index_select(0, batches[0].slots).view(rows, width, heads, dim)
+    return torch.cat(outputs).index_select(0, slots).view(rows, width, heads, dim)
 
 
 def _keys(
@@ -447,33 +454,34 @@ def segment_attention(
         )
     _, heads, width, dim = query.shape
     scale = scaling if scaling is not None else dim**-0.5
+    segments = tuple(tuple(segment) for segment in pair_segments.tolist())
     if query.device.type == "cpu" and batched_attention_pays(
-        pair_segments, heads, getattr(module.config, "num_hidden_layers", 1)
+        segments, heads, getattr(module.config, "num_hidden_layers", 1)
     ):
-        return _batched_attention(query, key, value, pair_segments, scale), None
+        return _batched_attention(query, key, value, segments, scale), None
     keep = keep_attention_scores
-    by_row: dict[int, list[list[int]]] = {}
-    for segment in pair_segments.tolist():
+    by_row: dict[int, list[tuple[int, ...]]] = {}
+    for segment in segments:
         by_row.setdefault(segment[0], []).append(segment)
     outputs = []
     for row, (q_row, k_row, v_row) in enumerate(zip(query, key, value, strict=True)):
-        segments = by_row.get(row, [])
+        in_row = by_row.get(row, [])
         # One split per row into [prefix, (prompt, chosen, rejected) per pair, padding]: its backward is
         # a single concatenation, where slicing each piece would zero-fill a full-size gradient per slice.
-        prefix = segments[0][2] if segments else 0
-        sizes = [prefix] + [n for _, _, _, *lengths in segments for n in lengths]
+        prefix = in_row[0][2] if in_row else 0
+        sizes = [prefix] + [n for _, _, _, *lengths in in_row for n in lengths]
         sizes.append(width - sum(sizes))
         q_parts, k_parts, v_parts = (t.split(sizes, dim=1) for t in (q_row, k_row, v_row))
         pieces = []
         if prefix:
             pieces.append(_causal_attention(q_parts[0], *_keys(k_parts, v_parts, 0), scale, keep))
-        for i in range(len(segments)):
+        for i in range(len(in_row)):
             prompt, chosen, rejected = 1 + 3 * i, 2 + 3 * i, 3 + 3 * i
             own = (0,) if prefix else ()
             queries = torch.cat([q_parts[prompt], q_parts[chosen]], dim=1)
             k, v = _keys(k_parts, v_parts, *own, prompt, chosen)
             pieces.append(_causal_attention(queries, k, v, scale, keep))
-            if segments[i][5]:  # PPO packs (prompt, response) with no rejected side
+            if in_row[i][5]:  # PPO packs (prompt, response) with no rejected side
                 k, v = _keys(k_parts, v_parts, *own, prompt, rejected)
                 pieces.append(_causal_attention(q_parts[rejected], k, v, scale, keep))
         if sizes[-1]:
