@@ -208,7 +208,7 @@ class PPOTrainer:
         the same numbers, so that pass (half the batch's policy rows on the bench) is saved; the
         statistics of `compute_advantages` are returned with the update's.
         """
-        B = (experience.rollout if isinstance(experience, ScoredRollout) else experience).input_ids.shape[0]
+        B = experience.input_ids.shape[0]
         # Every epoch's order drawn first: the same draws of the generator as one per epoch.
         orders = [
             torch.randperm(B, device=self.device).split(self.ppo.mini_batch_size)
@@ -301,20 +301,15 @@ class PPOTrainer:
         loss.backward()
         stats["policy/grad_norm"] = self._optimizer_step(0, self.config.training.max_grad_norm)
         if not self.critic.shared:
-            stats |= self.critic_step(mb, T, fwd.packed, fwd.values)
+            stats |= self.critic_step(mb, T, fwd.packed)
         return stats
 
     def critic_step(
-        self,
-        mb: Experience,
-        response_length: int,
-        packed: PackedRollouts | None = None,
-        vpred: torch.Tensor | None = None,
+        self, mb: Experience, response_length: int, packed: PackedRollouts | None = None
     ) -> dict[str, Any]:
-        """One optimizer step of a separate critic: its own forward (unless `vpred`), loss and optimizer."""
+        """One optimizer step of a separate critic: its own forward, loss and optimizer."""
         assert self.critic_optimizer is not None
-        if vpred is None:
-            vpred = critic_values(self.critic, mb.input_ids, mb.attention_mask, response_length, packed)
+        vpred = critic_values(self.critic, mb.input_ids, mb.attention_mask, response_length, packed)
         vf_loss, stats = value_loss(vpred, mb.values, mb.returns, mb.response_mask, self.ppo.cliprange_value)
         vf_loss.backward()
         self._optimizer_step(1, self.config.training.max_grad_norm)
